@@ -1,0 +1,5 @@
+"""Root pytest configuration: shared plugins live in tests/plugins/, one job each."""
+
+pytest_plugins = [
+    "tests.plugins.data_fixtures",
+]
