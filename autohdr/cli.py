@@ -1,0 +1,119 @@
+"""Command line: ``autohdr debug MODE``, ``autohdr judge RUN_DIR``, ``autohdr train --stage S``.
+
+Exit codes: 0 when every applicable signal is good, 1 when a bad signal fires (or the run could
+not finish), 2 on a usage or input error (one line on stderr, no traceback), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from autohdr.presets import MODES
+
+EXIT_OK, EXIT_BAD_SIGNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="folder of <id>_original.jpg / <id>_generated.jpg pairs (default: "
+                             "$AUTOHDR_DATA_ROOT, else the embedded fixture data)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<mode>-<time>)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epoch count")
+    parser.add_argument("--model-factory", default=None, metavar="MODULE:FUNCTION",
+                        help="build the model with this callable instead of LensCorrectionModel")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a preset key, e.g. --set train.lr=1e-3 --set data.num_pairs=48")
+    parser.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint's weights")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autohdr", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    debug = sub.add_parser("debug", help="run a debug mode and judge every signal")
+    debug.add_argument("mode", help=f"one of {', '.join(MODES)}, or a preset .toml file")
+    _common(debug)
+    judge = sub.add_parser("judge", help="judge a finished run's metrics.jsonl again")
+    judge.add_argument("run_dir", type=Path)
+    judge.add_argument("--mode", default=None, help="preset whose [judge] thresholds to use "
+                                                     "(default: the one in the run's report.json)")
+    judge.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    train = sub.add_parser("train", help="train one stage on a real dataset")
+    train.add_argument("--stage", required=True,
+                       choices=["stage1_param_only", "stage2_hybrid", "stage3_finetune"])
+    train.add_argument("--config", default="train", help="preset name or .toml (default: train)")
+    train.add_argument("--resume", type=Path, default=None, help="continue from this last.pt")
+    _common(train)
+    return parser
+
+
+def _print_report(report: dict) -> None:
+    from autohdr.verdicts import Verdict, format_table
+    verdicts = [Verdict(**v) for v in report["verdicts"]]
+    print(f"\n{report['mode']} ({report['runbook_name'] or report['stage']}) on {report['device']}")
+    print(format_table(verdicts))
+    figures = report["figures"]
+    print("\n" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+    if report.get("error"):
+        print(f"\nRUN FAILED: {report['error']}")
+    print(f"\n{'ALL GOOD' if report['all_good'] else 'BAD SIGNALS'} -- report: {Path(report['out_dir']) / 'report.json'}")
+
+
+def _run(args, mode: str, overrides: list[str], resume=None) -> int:
+    from autohdr.debug import run_debug_mode
+    report = run_debug_mode(mode, data_root=args.data_root, out_dir=args.out, device=args.device, seed=args.seed,
+                            overrides=overrides, epochs=args.epochs, model_factory=args.model_factory,
+                            init_from=args.init_from, resume_from=resume, plots=not args.no_plots)
+    if not report:  # a non-zero rank under torchrun
+        return EXIT_OK
+    _print_report(report)
+    if report.get("interrupted"):
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report["all_good"] else EXIT_BAD_SIGNAL
+
+
+def _judge(args) -> int:
+    from autohdr.presets import load_preset
+    from autohdr.verdicts import JudgeConfig, all_good, format_table, judge
+    cfg = JudgeConfig()
+    report_path = args.run_dir / "report.json"
+    mode = args.mode
+    if mode is None and report_path.is_file():
+        cfg_dict = json.loads(report_path.read_text()).get("config", {}).get("judge")
+        if cfg_dict:
+            cfg = JudgeConfig(**cfg_dict)
+    elif mode is not None:
+        cfg = load_preset(mode).judge
+    verdicts = judge(args.run_dir, cfg)
+    if args.json:
+        print(json.dumps([v.to_dict() for v in verdicts], indent=2, default=str))
+    else:
+        print(format_table(verdicts))
+    return EXIT_OK if all_good(verdicts) else EXIT_BAD_SIGNAL
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "debug":
+            return _run(args, args.mode, args.overrides)
+        if args.command == "judge":
+            return _judge(args)
+        return _run(args, args.config, [f"train.stage={args.stage}", *args.overrides], resume=args.resume)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"autohdr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Typed training configuration and the three training stages.
+
+``TrainConfig`` is frozen; change it with :func:`apply_overrides` (``key=value`` strings, as
+``--set`` passes them), which refuses keys that do not exist so a typo fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from autohdr.losses import LossWeights
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a training stage switches on."""
+
+    name: str
+    residual_active: bool   # the residual flow is fused into the grid and its head is trained
+    residual_terms: bool    # flow_tv / flow_mag / flow_curv regularizers count
+    jacobian_term: bool     # the fold penalty counts
+    lr_scale: float         # multiplies TrainConfig.lr
+
+
+STAGES: dict[str, StageSpec] = {
+    "stage1_param_only": StageSpec("stage1_param_only", False, False, False, 1.0),
+    "stage2_hybrid": StageSpec("stage2_hybrid", True, True, True, 1.0),
+    "stage3_finetune": StageSpec("stage3_finetune", True, True, True, 0.2),
+}
+
+
+def stage_spec(name: str) -> StageSpec:
+    """The :class:`StageSpec` called ``name``; ``ValueError`` lists the valid names."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the trainer needs besides the model and the data."""
+
+    stage: str = "stage1_param_only"        # one of STAGES
+    epochs: int = 4                          # passes over the training loader
+    max_steps_per_epoch: int | None = None   # cap on optimizer steps per epoch (None: whole loader)
+    lr: float = 2e-3                         # peak AdamW learning rate (times the stage's lr_scale)
+    weight_decay: float = 1e-4               # AdamW decoupled weight decay
+    warmup_steps: int = 0                    # linear warm-up before the cosine decay
+    min_lr_ratio: float = 0.1                # cosine floor, as a fraction of the peak
+    grad_clip_norm: float = 5.0              # global gradient-norm clip (norms are logged before it)
+    amp: bool = True                         # mixed precision (bfloat16 autocast), CUDA only
+    seed: int = 0                            # seeds torch; CPU runs are deterministic
+    log_interval: int = 10                   # steps between human log lines
+    progress: bool = True                    # tqdm progress bar on the step loop
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    # Instrumentation (the runbook's diagnostics)
+    debug_instrumentation: bool = False      # per-step gradient norms, deltas, geometry, probe
+    debug_perf_enabled: bool = False         # per-step timings and throughput
+    debug_perf_warmup_steps: int = 3         # steps excluded from the run's samples/sec
+    debug_residual_inactive_threshold_px: float = 0.05  # residual contribution below this is "inactive"
+    debug_residual_inactive_patience: int = 20          # consecutive inactive steps before a warning
+    debug_probe_max_samples: int = 4         # fixed probe: the first N validation samples
+    debug_checksum_decimals: int = 4         # probe checksums round to this many decimals first
+
+    def __post_init__(self) -> None:
+        stage_spec(self.stage)
+        for name in ("epochs", "debug_probe_max_samples", "debug_residual_inactive_patience", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
+        if self.lr < 0 or self.grad_clip_norm <= 0:
+            raise ValueError(f"lr must be >= 0 and grad_clip_norm > 0, got lr={self.lr}, "
+                             f"grad_clip_norm={self.grad_clip_norm}")
+
+    @property
+    def spec(self) -> StageSpec:
+        return stage_spec(self.stage)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass as plain JSON-able values (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def _coerce(text: str, current: Any, key: str) -> Any:
+    """Parse ``text`` into the type of ``current`` (the field's present value)."""
+    lowered = text.strip().lower()
+    if isinstance(current, bool):
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected true/false, got {text!r}")
+    if lowered in ("none", "null"):
+        return None
+    try:
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, tuple):
+            parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+            kind = type(current[0]) if current else float
+            return tuple(kind(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{key}: expected {type(current).__name__}, got {text!r}") from None
+    if current is None:  # optional field currently unset: accept ints, floats, or text
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def from_mapping(cls: type, values: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a (nested) mapping, refusing unknown keys."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown key {key!r} in {where}; expected one of {sorted(known)}")
+        default = cls()
+        current = getattr(default, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = from_mapping(type(current), value, f"{where}.{key}")
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def apply_overrides(config: Any, overrides: list[str] | dict[str, Any] | None) -> Any:
+    """Return ``config`` with ``key=value`` (or ``a.b=value`` for nested dataclasses) replaced.
+
+    Unknown keys raise ``ValueError`` naming the key and the valid ones.
+    """
+    if not overrides:
+        return config
+    items = overrides.items() if isinstance(overrides, dict) else (split_override(o) for o in overrides)
+    for key, value in items:
+        config = _replace_path(config, key.split("."), value, key)
+    return config
+
+
+def split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> Any:
+    names = {f.name for f in dataclasses.fields(config)}
+    head = path[0]
+    if head not in names:
+        raise ValueError(f"unknown config key {full_key!r}; valid keys here: {sorted(names)}")
+    current = getattr(config, head)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"config key {full_key!r}: {head!r} has no sub-keys")
+        return dataclasses.replace(config, **{head: _replace_path(current, path[1:], value, full_key)})
+    if isinstance(value, str):
+        value = _coerce(value, current, full_key)
+    return dataclasses.replace(config, **{head: value})

@@ -1,0 +1,543 @@
+"""The training loop, with the runbook's instrumentation attached at fixed points.
+
+``Trainer(model, config, train_loader, val_loader, out_dir=...)`` trains any ``nn.Module`` whose
+forward returns ``params`` (and optionally ``residual_flow_lowres``) on any iterables of batch
+dicts (``input_image``, ``target_image`` ``(B, 3, H, W)``, optionally ``image_id``).
+
+One step, and where each figure is taken::
+
+    data -> forward (warp + loss) -> finite check -> backward -> [grad norms, before clipping]
+         -> clip -> optimizer + scheduler -> [param deltas, geometry, inactivity] -> one host read
+
+Every step and every validation epoch goes to ``metrics.jsonl`` (see :mod:`autohdr.metrics_log`).
+Only rank 0 writes files under torchrun.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from autohdr import checkpoint as ckpt
+from autohdr.checksum import tensor_checksum
+from autohdr.config import TrainConfig, to_dict
+from autohdr.distributed import SINGLE, DistContext, all_reduce_mean
+from autohdr.evaluation import Correction, correct, identity_prediction, score_subset
+from autohdr.geometry import grid_statistics
+from autohdr.instrumentation import (
+    GROUP_NAMES, ParamDeltaTracker, ResidualInactivityMonitor, StepTimer, cuda_memory_mb, grad_norms,
+    params_at_bound_fraction, parameter_groups, unwrap_model,
+)
+from autohdr.losses import composite_loss
+from autohdr.metrics_log import MetricsWriter
+from autohdr.model import DEFAULT_PARAM_BOUNDS
+from autohdr.proxy import proxy_score_batch
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss or gradient norm stops being finite; the run cannot recover."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    metrics_path: Path
+    best_score: float
+    best_epoch: int
+    epochs_completed: int
+    global_step: int
+    samples_per_sec: float | None
+    interrupted: bool
+
+
+def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine from 1 down to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """Reseed per-epoch shuffling where the loader or its sampler supports it."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
+def _steps_per_epoch(loader, cap: int | None) -> int | None:
+    try:
+        n = len(loader)
+    except TypeError:
+        return cap
+    return min(n, cap) if cap else n
+
+
+class Trainer:
+    """Stateful trainer: the model, the optimizer, the instrumentation and the run's files."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_loader: Iterable[Mapping],
+        val_loader: Iterable[Mapping],
+        *,
+        out_dir: str | Path,
+        device: str | torch.device = "cpu",
+        ground_truth: Mapping[str, torch.Tensor] | None = None,
+        dist_ctx: DistContext = SINGLE,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.out_dir = Path(out_dir)
+        self.ground_truth = ground_truth
+        self.dist = dist_ctx
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.core = unwrap_model(model)
+        self.groups = parameter_groups(self.core)
+        self.param_bounds = getattr(self.core, "param_bounds", DEFAULT_PARAM_BOUNDS)
+        self.trainable = [p for name, ps in self.groups.items() for p in ps
+                          if p.requires_grad and (self.spec.residual_active or name != "residual_head")]
+        if not self.trainable:
+            raise ValueError("the model has no trainable parameters for stage " + config.stage)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr * self.spec.lr_scale,
+                                           weight_decay=config.weight_decay)
+        self.steps_per_epoch = _steps_per_epoch(train_loader, config.max_steps_per_epoch)
+        total = (self.steps_per_epoch or 1) * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_lr_factor(s, total, config.warmup_steps, config.min_lr_ratio))
+        self.amp_enabled = config.amp and self.device.type == "cuda"
+        self.epoch = 0
+        self.global_step = 0
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
+        self._probe: dict | None = None
+        self._baselines: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def info(self, message: str) -> None:
+        if self.dist.is_main:
+            self._log(message)
+
+    def _autocast(self):
+        if not self.amp_enabled:
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+    def _loss(self, correction: Correction, target: torch.Tensor):
+        return composite_loss(
+            correction.prediction.float(), target.float(), weights=self.config.loss_weights,
+            residual_flow_lowres=correction.residual_flow_lowres,
+            final_grid=correction.warp.final_grid if self.spec.jacobian_term else None,
+            residual_terms=self.spec.residual_terms, jacobian_term=self.spec.jacobian_term)
+
+    def _probe_batch(self) -> dict:
+        """The first ``debug_probe_max_samples`` validation samples, fixed for the whole run."""
+        if self._probe is None:
+            inputs, targets, ids = [], [], []
+            need = self.config.debug_probe_max_samples
+            for batch in self.val_loader:
+                inputs.append(batch["input_image"])
+                targets.append(batch["target_image"])
+                ids.extend(list(batch.get("image_id", [])))
+                if sum(x.shape[0] for x in inputs) >= need:
+                    break
+            if not inputs:
+                raise ValueError("the validation loader is empty; the probe needs at least one sample")
+            self._probe = {
+                "input_image": torch.cat(inputs)[:need].to(self.device),
+                "target_image": torch.cat(targets)[:need].to(self.device),
+                "image_id": ids[:need],
+            }
+        return self._probe
+
+    def _checkpoint_payload(self) -> dict:
+        payload = {
+            "model": self.core.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "stage": self.config.stage,
+            "config": to_dict(self.config),
+            "rng": torch.get_rng_state(),
+        }
+        model_config = getattr(self.core, "config", None)
+        if model_config is not None and hasattr(model_config, "__dataclass_fields__"):
+            payload["model_config"] = to_dict(model_config)
+        return payload
+
+    def save(self, name: str) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        return ckpt.save_atomic(self._checkpoint_payload(), self.out_dir / name)
+
+    # ------------------------------------------------------------------ checks before training
+    @torch.no_grad()
+    def init_check(self) -> dict:
+        """Before any step: does the model predict the identity warp, with identity's proxy and loss?"""
+        probe = self._probe_batch()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            image, target = probe["input_image"], probe["target_image"]
+            correction = correct(self.model, image, self.spec.residual_active)
+            identity = identity_prediction(image)
+            model_loss, _ = self._loss(correction, target)
+            identity_loss, _ = composite_loss(identity.float(), target.float(),
+                                              weights=self.config.loss_weights, residual_flow_lowres=None,
+                                              final_grid=None, residual_terms=False, jacobian_term=False)
+            return {
+                "init_pred_max_abs_diff": float((correction.prediction - identity).abs().max()),
+                "init_proxy_total": proxy_score_batch(correction.prediction.float(), target.float())["total"],
+                "identity_proxy_total": proxy_score_batch(identity.float(), target.float())["total"],
+                "init_loss": float(model_loss),
+                "identity_loss": float(identity_loss),
+                "init_params_max_abs_dev": float((correction.params - correction.params.new_tensor(
+                    [0, 0, 0, 0, 0, 0, 0, 1.0])).abs().max()),
+            }
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict:
+        cfg = self.config
+        record: dict = {"kind": "val_epoch", "epoch": self.epoch, "step": self.global_step}
+
+        def loss_fn(pred, target, correction):
+            total, _ = self._loss(correction, target)
+            return {"val_loss": total}
+
+        need_baselines = self._baselines is None
+        scores = score_subset(self.model, self.val_loader, residual_active=self.spec.residual_active,
+                              device=self.device, ground_truth=self.ground_truth, loss_fn=loss_fn,
+                              with_baselines=need_baselines)
+        if need_baselines:
+            self._baselines = {f"identity_proxy_{k}": v for k, v in scores.identity.items()}
+            if scores.ground_truth is not None:
+                self._baselines.update({f"gt_proxy_{k}": v for k, v in scores.ground_truth.items()})
+        record.update({f"val_proxy_{k}": v for k, v in scores.model.items()})
+        record.update(self._baselines)
+        record["val_sample_count"] = scores.sample_count
+        record["val_loss"] = scores.loss_sums["val_loss"] / max(1, scores.sample_count)
+        if cfg.debug_instrumentation:
+            record.update(self._probe_metrics())
+        return record
+
+    def _probe_metrics(self) -> dict:
+        probe = self._probe_batch()
+        decimals = self.config.debug_checksum_decimals
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            correction = correct(self.model, probe["input_image"], self.spec.residual_active)
+            _, components = self._loss(correction, probe["target_image"])
+        finally:
+            self.model.train(was_training)
+        proxy = proxy_score_batch(correction.prediction.float(), probe["target_image"].float())
+        return {
+            "probe_pred_checksum": tensor_checksum(correction.prediction, decimals),
+            "probe_final_grid_checksum": tensor_checksum(correction.warp.final_grid.permute(0, 3, 1, 2), decimals),
+            "probe_params_checksum": tensor_checksum(correction.params, decimals + 1),
+            "probe_proxy_total_score": proxy["total"],
+            "probe_pixel": float(components["pixel"]),
+            "probe_ssim": float(components["ssim"]),
+            "probe_edge": float(components["edge"]),
+            "probe_sample_count": int(probe["input_image"].shape[0]),
+            "param_checksum": self.parameter_checksum(),
+        }
+
+    def parameter_checksum(self) -> str:
+        """Digest of every parameter (rounded like the probe), to compare ranks and runs."""
+        flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.core.parameters()])
+        return tensor_checksum(flat, self.config.debug_checksum_decimals + 2)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, *, resume_from: str | Path | None = None, init_from: str | Path | None = None) -> TrainResult:
+        cfg = self.config
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        start_epoch = 0
+        if init_from is not None:
+            state = ckpt.load_checkpoint(init_from, self.device)
+            self.core.load_state_dict(state["model"])
+            self.info(f"initialized model weights from {init_from} (stage {state.get('stage')})")
+        if resume_from is not None:
+            start_epoch = self._resume(resume_from)
+        self.metrics.write({"kind": "run_start", "stage": cfg.stage, "residual_branch_active": self.spec.residual_active,
+                            "residual_terms": self.spec.residual_terms, "jacobian_term": self.spec.jacobian_term,
+                            "device": str(self.device), "world_size": self.dist.world_size,
+                            "amp": self.amp_enabled, "resumed_from": str(resume_from) if resume_from else None,
+                            "init_from": str(init_from) if init_from else None,
+                            "start_epoch": start_epoch, "config": to_dict(cfg),
+                            "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad)
+                                                 for n, ps in self.groups.items()}})
+        if resume_from is None:
+            init = self.init_check()
+            init.update({"kind": "init", "from_checkpoint": init_from is not None})
+            self.metrics.write(init)
+        perf = _PerfTotals(cfg.debug_perf_warmup_steps)
+        interrupted = False
+        previous_handler = _install_sigterm_as_interrupt()
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                self.epoch = epoch
+                self._train_epoch(perf)
+                record = self.validate()
+                score = record["val_proxy_total"]
+                improved = score > self.best_score
+                if improved:
+                    self.best_score, self.best_epoch = score, epoch
+                record.update({"best_val_proxy_total": self.best_score, "is_best": improved})
+                self.metrics.write(record)
+                self.save("last.pt")
+                if improved:
+                    self.save("best.pt")
+                self.info(f"epoch {epoch + 1}/{cfg.epochs}: val proxy {score:.5f} "
+                          f"(identity {record.get('identity_proxy_total', float('nan')):.5f}) "
+                          f"val loss {record['val_loss']:.5f}" + ("  [best]" if improved else ""))
+                self.metrics.write({"kind": "epoch_end", "epoch": epoch, "step": self.global_step, **perf.summary()})
+        except KeyboardInterrupt:
+            interrupted = True
+            path = self.save("interrupted.pt")
+            self.metrics.write({"kind": "interrupted", "epoch": self.epoch, "step": self.global_step})
+            self.info(f"interrupted: state saved to {path}")
+        finally:
+            _restore_sigterm(previous_handler)
+            summary = perf.summary()
+            self.metrics.write({"kind": "run_end", "epoch": self.epoch, "step": self.global_step,
+                                "best_val_proxy_total": self.best_score, "best_epoch": self.best_epoch,
+                                "interrupted": interrupted, **summary})
+            self.metrics.close()
+        return TrainResult(self.out_dir, self.out_dir / "metrics.jsonl", self.best_score, self.best_epoch,
+                           self.epoch + (0 if interrupted else 1), self.global_step,
+                           summary.get("samples_per_sec"), interrupted)
+
+    def _resume(self, path: str | Path) -> int:
+        state = ckpt.load_checkpoint(path, self.device)
+        self.core.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.global_step = int(state["global_step"])
+        self.best_score = float(state["best_score"])
+        self.best_epoch = int(state.get("best_epoch", -1))
+        torch.set_rng_state(state["rng"])
+        self.info(f"resumed from {path} after epoch {int(state['epoch']) + 1}")
+        return int(state["epoch"]) + 1
+
+    def _train_epoch(self, perf: "_PerfTotals") -> None:
+        cfg = self.config
+        instrument = cfg.debug_instrumentation
+        self.model.train()
+        _set_epoch(self.train_loader, self.epoch)
+        tracker = ParamDeltaTracker(self.groups) if instrument else None
+        monitor = self._monitor if hasattr(self, "_monitor") else None
+        if monitor is None and instrument and self.spec.residual_active:
+            monitor = self._monitor = ResidualInactivityMonitor(cfg.debug_residual_inactive_threshold_px,
+                                                                cfg.debug_residual_inactive_patience)
+        timer = StepTimer(self.device, enabled=cfg.debug_perf_enabled or instrument)
+        progress = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
+                             cfg.progress and self.dist.is_main)
+        iterator = iter(self.train_loader)
+        step_in_epoch = 0
+        while cfg.max_steps_per_epoch is None or step_in_epoch < cfg.max_steps_per_epoch:
+            timer.start()
+            wall_start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            image = batch["input_image"].to(self.device, non_blocking=True)
+            target = batch["target_image"].to(self.device, non_blocking=True)
+            timer.mark("data")
+            record = self._train_step(image, target, timer, tracker, monitor)
+            step_in_epoch += 1
+            self.global_step += 1
+            wall_ms = (time.perf_counter() - wall_start) * 1000.0
+            perf.add(image.shape[0] * self.dist.world_size, wall_ms, timer.phases)
+            if cfg.debug_perf_enabled:
+                record.update(self._perf_fields(timer.phases, wall_ms, image.shape[0]))
+            self.metrics.write(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if self.global_step % cfg.log_interval == 0:
+                self.info(self._log_line(record))
+        if progress is not None:
+            progress.close()
+
+    def _train_step(self, image, target, timer: StepTimer, tracker, monitor) -> dict:
+        cfg = self.config
+        instrument = cfg.debug_instrumentation
+        with self._autocast():
+            correction = correct(self.model, image, self.spec.residual_active)
+            total, components = self._loss(correction, target)
+        timer.mark("forward")
+        if not torch.isfinite(total):
+            self._fail_non_finite("loss", float(total), components)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        timer.mark("backward")
+        tensors: dict[str, torch.Tensor] = {"loss": total.detach()}
+        tensors.update(components)
+        if instrument:
+            for name, value in grad_norms(self.groups).items():
+                tensors[f"grad_norm_{name}"] = all_reduce_mean(value.detach().float(), self.dist)
+            timer.mark("instrumentation")
+        grad_total = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip_norm)
+        if not torch.isfinite(grad_total):
+            self._fail_non_finite("gradient norm", float(grad_total), components)
+        tensors["grad_norm_total"] = grad_total.detach()
+        self.optimizer.step()
+        self.scheduler.step()
+        timer.mark("optim_step")
+        if instrument:
+            for name, value in tracker.measure().items():
+                tensors[f"param_delta_{name}"] = value
+            with torch.no_grad():
+                warp = correction.warp
+                tensors.update(grid_statistics(warp.param_grid.detach().float(), warp.final_grid.detach().float()))
+                tensors["params_at_bound_frac"] = params_at_bound_fraction(correction.params.detach().float(),
+                                                                           self.param_bounds)
+                if correction.residual_flow_lowres is not None:
+                    tensors["residual_flow_abs_mean_px"] = correction.residual_flow_lowres.detach().abs().mean()
+        names = list(tensors)
+        values = torch.stack([tensors[n].detach().double().reshape(()).cpu() for n in names]).tolist()
+        record = {"kind": "train_step", "epoch": self.epoch, "step": self.global_step,
+                  "lr": self.optimizer.param_groups[0]["lr"], "batch_size": int(image.shape[0]),
+                  "residual_branch_active": self.spec.residual_active}
+        record.update(zip(names, values))
+        record["grad_clipped"] = bool(record["grad_norm_total"] > cfg.grad_clip_norm)
+        if instrument:
+            self._residual_flags(record, monitor)
+            timer.mark("instrumentation")
+        return record
+
+    def _residual_flags(self, record: dict, monitor: ResidualInactivityMonitor | None) -> None:
+        """Zero-gradient / zero-delta flags and the inactivity warning, aware of the stage."""
+        if not self.spec.residual_active:
+            # The stage switches the branch off: report it as off, not as a failure.
+            record["residual_head_grad_is_zero"] = None
+            record["residual_head_param_delta_is_zero"] = None
+            return
+        record["residual_head_grad_is_zero"] = record["grad_norm_residual_head"] == 0.0
+        record["residual_head_param_delta_is_zero"] = record["param_delta_residual_head"] == 0.0
+        if monitor is not None and monitor.update(record["residual_contrib_px_mean"]):
+            message = (f"residual branch inactive: contribution below "
+                       f"{monitor.threshold_px} px for {monitor.patience} consecutive steps "
+                       f"(warning #{monitor.fired})")
+            self.metrics.write({"kind": "warning", "name": "residual_inactive", "epoch": self.epoch,
+                                "step": self.global_step, "message": message,
+                                "residual_contrib_px_mean": record["residual_contrib_px_mean"]})
+            self.info("WARNING " + message)
+
+    def _perf_fields(self, phases: dict[str, float], wall_ms: float, batch: int) -> dict:
+        fields = {
+            "data_time_ms": phases.get("data", 0.0),
+            "timing_forward_ms": phases.get("forward", 0.0),
+            "timing_backward_ms": phases.get("backward", 0.0),
+            "timing_optim_step_ms": phases.get("optim_step", 0.0),
+            "instrumentation_ms": phases.get("instrumentation", 0.0),
+            "batch_time_ms": wall_ms,
+            "samples_per_sec": batch * self.dist.world_size / (wall_ms / 1000.0),
+        }
+        fields["unaccounted_ms"] = wall_ms - sum(phases.values())
+        fields.update(cuda_memory_mb(self.device))
+        return fields
+
+    def _fail_non_finite(self, what: str, value: float, components: dict) -> None:
+        finite = {k: float(v) for k, v in components.items()}
+        bad = sorted(k for k, v in finite.items() if not math.isfinite(v))
+        message = (f"non-finite {what} ({value}) at epoch {self.epoch + 1}, step {self.global_step + 1}; "
+                   f"non-finite components: {bad or 'none'}. Lower the learning rate "
+                   f"(lr={self.config.lr}) or check the inputs.")
+        self.metrics.write({"kind": "error", "name": "non_finite", "epoch": self.epoch,
+                            "step": self.global_step + 1, "message": message, **finite})
+        raise NonFiniteLossError(message)
+
+    def _log_line(self, r: dict) -> str:
+        parts = [f"epoch {self.epoch + 1} step {self.global_step}", f"loss {r['loss']:.5f}", f"lr {r['lr']:.2e}"]
+        if "grad_norm_backbone" in r:
+            parts.append("grad " + " ".join(f"{g[:2]}={r[f'grad_norm_{g}']:.3g}" for g in GROUP_NAMES))
+            parts.append(f"residual {r['residual_contrib_px_mean']:.3f}px")
+        if "samples_per_sec" in r:
+            parts.append(f"{r['samples_per_sec']:.1f} samples/s (data {r['data_time_ms']:.1f} ms)")
+        return " | ".join(parts)
+
+
+class _PerfTotals:
+    """Run-level throughput: samples over wall time after ``warmup`` steps, warm-up reported apart."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.steps = 0
+        self.samples = 0
+        self.wall_ms = 0.0
+        self.warm_samples = 0
+        self.warm_wall_ms = 0.0
+        self.phases: dict[str, float] = {}
+
+    def add(self, samples: int, wall_ms: float, phases: dict[str, float]) -> None:
+        self.steps += 1
+        if self.steps <= self.warmup:
+            self.warm_samples += samples
+            self.warm_wall_ms += wall_ms
+            return
+        self.samples += samples
+        self.wall_ms += wall_ms
+        for key, value in phases.items():
+            self.phases[key] = self.phases.get(key, 0.0) + value
+
+    def summary(self) -> dict:
+        out: dict = {"steps": self.steps, "warmup_steps": min(self.steps, self.warmup),
+                     "warmup_wall_ms": self.warm_wall_ms}
+        if self.wall_ms > 0:
+            measured = self.steps - min(self.steps, self.warmup)
+            out["samples_per_sec"] = self.samples / (self.wall_ms / 1000.0)
+            out["step_time_ms_mean"] = self.wall_ms / measured
+            for key, value in self.phases.items():
+                out[f"{key}_ms_mean"] = value / measured
+            if "instrumentation" in self.phases:
+                out["instrumentation_overhead_frac"] = self.phases["instrumentation"] / self.wall_ms
+        return out
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _install_sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C (save ``interrupted.pt``), where signals can be installed."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
