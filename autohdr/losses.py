@@ -1,4 +1,4 @@
-"""Differentiable training losses for the predicted warp: image terms, residual-flow regularizers, fold penalty.
+"""Differentiable training losses: image terms, residual-flow regularizers and the fold penalty.
 
 Convention (see :mod:`autohdr.geometry`): images are ``(B, 3, H, W)`` float in ``[0, 1]``; grids are
 ``(B, H, W, 2)`` normalized ``(x, y)`` with ``align_corners=True``; the residual flow is
