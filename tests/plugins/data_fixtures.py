@@ -1,0 +1,95 @@
+"""Data fixtures: the data root, tiny overfit splits built from it, and a tree hash for immutability.
+
+* ``--data-root DIR`` (default: ``$AUTOHDR_DATA_ROOT``, else the embedded ``fixtures/pairs``).
+* ``data_root`` (session): that folder as a ``Path``.
+* ``fixture_root`` (session): always the embedded fixtures (tests that need their ground truth).
+* ``make_overfit_split(num_pairs, resize_hw=(128, 128))`` (session factory): an :class:`OverfitSplit`
+  with ``train_csv == val_csv`` content, built once per ``(num_pairs, resize_hw)``.
+* ``immutable_data_root``: ``data_root``, with a check at teardown that nothing under it changed.
+* :func:`hash_tree`: a digest of a folder's file names and bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import pytest
+
+from autohdr import data as data_mod
+from autohdr.settings import default_fixture_root
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--data-root", action="store", default=None,
+                     help="folder of <id>_original / <id>_generated pairs for the data tests "
+                          "(default: $AUTOHDR_DATA_ROOT, else the embedded fixtures/pairs)")
+
+
+def hash_tree(path: str | Path) -> str:
+    """SHA-256 over the relative path and bytes of every file under ``path`` (sorted)."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class OverfitSplit:
+    """A tiny overfit split: ``train_csv`` and ``val_csv`` hold the same ``rows``."""
+
+    train_csv: Path
+    val_csv: Path
+    rows: pd.DataFrame
+    data_root: Path
+    resize_hw: tuple[int, int] | None
+
+
+@pytest.fixture(scope="session")
+def data_root(pytestconfig: pytest.Config) -> Path:
+    chosen = pytestconfig.getoption("--data-root") or os.environ.get("AUTOHDR_DATA_ROOT", "").strip()
+    root = Path(chosen).expanduser() if chosen else default_fixture_root()
+    if not root.is_dir():
+        pytest.fail(f"--data-root / AUTOHDR_DATA_ROOT {root} is not a folder", pytrace=False)
+    return root.absolute()
+
+
+@pytest.fixture(scope="session")
+def fixture_root() -> Path:
+    return default_fixture_root()
+
+
+@pytest.fixture(scope="session")
+def make_overfit_split(data_root: Path, tmp_path_factory: pytest.TempPathFactory
+                       ) -> Callable[..., OverfitSplit]:
+    # Built per xdist worker, not shared through a FileLock: a split is two small CSVs plus a header
+    # check of N pairs (milliseconds), each worker has its own basetemp, and nothing is shared, so
+    # there is no cross-process race to guard and no stale copy to invalidate.
+    cache: dict[tuple[int, tuple[int, int] | None], OverfitSplit] = {}
+
+    def make(num_pairs: int, resize_hw: tuple[int, int] | None = (128, 128)) -> OverfitSplit:
+        key = (int(num_pairs), tuple(resize_hw) if resize_hw is not None else None)
+        if key not in cache:
+            hw = "full" if key[1] is None else f"{key[1][0]}x{key[1][1]}"
+            out = tmp_path_factory.mktemp(f"overfit_{key[0]}_{hw}")
+            report = data_mod.prepare_overfit_split(data_root, out, key[0], seed=123, shuffle=False)
+            rows = data_mod.read_split_csv(report["train_split"])
+            cache[key] = OverfitSplit(Path(report["train_split"]), Path(report["val_split"]), rows,
+                                      data_root, key[1])
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def immutable_data_root(data_root: Path):
+    """``data_root``; the test fails at teardown if any file under it was added, removed or changed."""
+    before = hash_tree(data_root)
+    yield data_root
+    assert hash_tree(data_root) == before, f"files under the data root {data_root} changed during the test"

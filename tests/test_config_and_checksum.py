@@ -1,0 +1,113 @@
+"""autohdr.config overrides, autohdr.presets, autohdr.checksum, autohdr.checkpoint."""
+
+import os
+
+import pytest
+import torch
+
+from autohdr import checkpoint
+from autohdr.checksum import tensor_checksum
+from autohdr.config import TrainConfig, apply_overrides
+from autohdr.presets import MODES, load_preset
+from autohdr.trainer import cosine_lr_factor
+
+
+class TestOverrides:
+    def test_types_are_coerced(self):
+        cfg = apply_overrides(TrainConfig(), ["lr=1e-4", "epochs=3", "debug_instrumentation=true",
+                                              "max_steps_per_epoch=none", "loss_weights.pixel=2"])
+        assert (cfg.lr, cfg.epochs, cfg.debug_instrumentation, cfg.max_steps_per_epoch) == (1e-4, 3, True, None)
+        assert cfg.loss_weights.pixel == 2.0
+
+    def test_unknown_key_is_refused(self):
+        with pytest.raises(ValueError, match="unknown config key 'lrr'"):
+            apply_overrides(TrainConfig(), ["lrr=1"])
+
+    @pytest.mark.parametrize("item,match", [("epochs=two", "expected int"), ("amp=maybe", "true/false"),
+                                            ("lr", "key=value"), ("stage=stage9", "unknown stage")])
+    def test_bad_values_are_refused(self, item, match):
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(TrainConfig(), [item])
+
+
+class TestPresets:
+    @pytest.mark.parametrize("mode", MODES)
+    def test_each_mode_loads(self, mode):
+        preset = load_preset(mode)
+        assert preset.mode == mode
+        assert preset.train.debug_instrumentation and preset.train.debug_perf_enabled
+        assert 32 <= preset.data.num_pairs <= 64 and preset.data.overfit
+
+    def test_bare_keys_mean_train(self):
+        preset = load_preset("stage2_probe", ["epochs=2", "data.num_pairs=40", "judge.beats_identity_margin=0.01"])
+        assert (preset.train.epochs, preset.data.num_pairs, preset.judge.beats_identity_margin) == (2, 40, 0.01)
+
+    def test_unknown_mode_and_key(self, tmp_path):
+        with pytest.raises(ValueError, match="unknown debug mode 'stage4'"):
+            load_preset("stage4")
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[train]\nlearning_rate = 1\n")
+        with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
+            load_preset(bad)
+
+
+class TestSchedule:
+    def test_cosine_endpoints_and_warmup(self):
+        assert cosine_lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+        assert cosine_lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+        assert cosine_lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+        assert cosine_lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+        assert cosine_lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55)
+
+
+class TestChecksum:
+    def test_same_values_same_checksum(self):
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        assert tensor_checksum(x) == tensor_checksum(x.clone())
+        assert len(tensor_checksum(x)) == 16
+
+    def test_kernel_noise_does_not_register(self):
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 1e-7
+        assert tensor_checksum(x) == tensor_checksum(x + noise)
+
+    def test_real_change_registers(self):
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        y = x.clone()
+        y[0, :, :8, :8] += 0.01
+        assert tensor_checksum(x) != tensor_checksum(y)
+
+    def test_negative_decimals_refused(self):
+        with pytest.raises(ValueError, match="decimals"):
+            tensor_checksum(torch.zeros(2), decimals=-1)
+
+
+class TestCheckpoint:
+    def test_round_trip_weights_only(self, tmp_path):
+        payload = {"model": {"w": torch.arange(3.0)}, "epoch": 2, "config": {"lr": 1e-3}}
+        path = checkpoint.save_atomic(payload, tmp_path / "last.pt")
+        loaded = torch.load(path, weights_only=True)
+        assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], torch.arange(3.0))
+        assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+    def test_crash_mid_write_keeps_the_old_file(self, tmp_path, monkeypatch):
+        path = checkpoint.save_atomic({"model": {}, "epoch": 1}, tmp_path / "last.pt")
+
+        def exploding_save(obj, handle):
+            handle.write(b"partial")
+            raise OSError("disk full")
+
+        monkeypatch.setattr(torch, "save", exploding_save)
+        with pytest.raises(OSError, match="disk full"):
+            checkpoint.save_atomic({"model": {}, "epoch": 2}, path)
+        monkeypatch.undo()
+        assert checkpoint.load_checkpoint(path)["epoch"] == 1
+        assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+    def test_bad_files_give_clear_errors(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            checkpoint.load_checkpoint(tmp_path / "nope.pt")
+        garbage = tmp_path / "garbage.pt"
+        garbage.write_bytes(b"not a checkpoint")
+        with pytest.raises(ValueError, match="could not be read"):
+            checkpoint.load_checkpoint(garbage)
