@@ -169,10 +169,22 @@ def invert_brown_conrady_grid(
         if residual_fn is not None:
             mapped = mapped + residual_fn(x)
         err = mapped - target
-        jac = brown_conrady_jacobian(params, x)
-        step = torch.linalg.solve(jac, err.unsqueeze(-1)).squeeze(-1)
-        x = x - step
+        x = x - _solve_2x2(brown_conrady_jacobian(params, x), err)
     return x
+
+
+def _solve_2x2(jac: torch.Tensor, rhs: torch.Tensor, min_abs_det: float = 1e-6) -> torch.Tensor:
+    """Solve ``jac @ step = rhs`` per location in closed form, ``jac (..., 2, 2)``, ``rhs (..., 2)``.
+
+    A (near-)singular Jacobian, met where the mapping folds outside the frame, gets its determinant
+    clamped away from zero instead of raising, so the iteration never aborts a whole batch.
+    """
+    a, b = jac[..., 0, 0], jac[..., 0, 1]
+    c, d = jac[..., 1, 0], jac[..., 1, 1]
+    det = a * d - b * c
+    det = torch.where(det >= 0, det.clamp(min=min_abs_det), det.clamp(max=-min_abs_det))
+    ex, ey = rhs[..., 0], rhs[..., 1]
+    return torch.stack(((d * ex - b * ey) / det, (a * ey - c * ex) / det), dim=-1)
 
 
 def residual_to_normalized(residual_flow_lowres: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -64,7 +64,7 @@ def _stage_info(history: pd.DataFrame) -> dict[str, Any]:
     if start.empty:
         return {"stage": None, "residual_active": None, "world_size": 1}
     row = start.iloc[-1]
-    return {"stage": row.get("stage"), "residual_active": bool(row.get("residual_branch_active")),
+    return {"stage": row.get("stage"), "residual_active": _flag(row.get("residual_branch_active")),
             "world_size": int(row.get("world_size", 1) or 1)}
 
 
@@ -80,6 +80,11 @@ def _as_float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _flag(value: Any) -> bool:
+    """A boolean field of a record; missing values (NaN/None from other record kinds) are False."""
+    return bool(pd.notna(value) and value)
 
 
 # ---------------------------------------------------------------------------- runbook signals
@@ -207,13 +212,13 @@ def residual_not_inactive(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
 def beats_identity(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     """Good: the trained model beats the identity warp on exactly the same subset."""
     val = _rows(history, "val_epoch")
-    if val.empty or "identity_proxy_total" not in val:
+    if _column(val, "identity_proxy_total") is None or _column(val, "val_proxy_total") is None:
         return Verdict("beats_identity", None, "no validation epoch with an identity baseline")
-    last = val.iloc[-1]
+    last = val.dropna(subset=["identity_proxy_total", "val_proxy_total"]).iloc[-1]
     model, identity = float(last["val_proxy_total"]), float(last["identity_proxy_total"])
     evidence = {"model_proxy_total": model, "identity_proxy_total": identity,
                 "delta": model - identity, "margin": cfg.beats_identity_margin,
-                "sample_count": int(last.get("val_sample_count", 0))}
+                "sample_count": int(last["val_sample_count"]) if pd.notna(last.get("val_sample_count")) else 0}
     gt = _as_float(last.get("gt_proxy_total"))
     if math.isfinite(gt) and gt != identity:
         evidence["gt_proxy_total"] = gt
@@ -241,7 +246,8 @@ def not_data_bound(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     end = _rows(history, "run_end")
     rate = _as_float(end.iloc[-1].get("samples_per_sec")) if not end.empty else math.nan
     if not math.isfinite(rate):
-        rate = float(_column(steps, "samples_per_sec").median())
+        per_step = _column(steps, "samples_per_sec")
+        rate = float(per_step.median()) if per_step is not None else math.nan
     evidence = {"data_time_frac_median": frac, "samples_per_sec": rate,
                 "data_time_ms_median": float(data.median()), "batch_time_ms_median": float(batch.median())}
     low_throughput = cfg.min_samples_per_sec <= 0 or rate < cfg.min_samples_per_sec
@@ -260,7 +266,7 @@ def init_is_identity(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     if init.empty:
         return Verdict("init_is_identity", None, "no init check recorded (resumed run)")
     row = init.iloc[-1]
-    if bool(row.get("from_checkpoint")):
+    if _flag(row.get("from_checkpoint")):
         return Verdict("init_is_identity", None, "model initialized from a checkpoint: not expected to be identity")
     evidence = {k: float(row[k]) for k in ("init_pred_max_abs_diff", "init_proxy_total", "identity_proxy_total",
                                            "init_loss", "identity_loss")}
@@ -276,6 +282,8 @@ def init_is_identity(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
 def loss_decreases(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     """Good: the training loss goes down (mean of the last 20% of steps vs the first 20%)."""
     loss = _column(_rows(history, "train_step"), "loss")
+    if loss is not None:
+        loss = pd.to_numeric(loss, errors="coerce").dropna()
     if loss is None or len(loss) < 6:
         return Verdict("loss_decreases", None, "needs >= 6 training steps")
     window = max(3, len(loss) // 5)

@@ -66,10 +66,24 @@ class TestChecksum:
         assert tensor_checksum(x) == tensor_checksum(x.clone())
         assert len(tensor_checksum(x)) == 16
 
-    def test_kernel_noise_does_not_register(self):
-        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 1e-7
-        assert tensor_checksum(x) == tensor_checksum(x + noise)
+    def test_kernel_noise_rarely_registers(self):
+        # Float32 kernel noise (a few ulp, ~1e-7 per pixel) only changes the digest when a pooled
+        # cell sits within the noise of a rounding boundary. The documented bound on the chance
+        # of that is cells * 2 * sigma_pooled / quantum; a raw-bit hash would flip every time.
+        generator = torch.Generator().manual_seed(0)
+        trials, flips, sigma = 100, 0, 1e-7
+        for _ in range(trials):
+            x = torch.rand(2, 3, 32, 32, generator=generator, dtype=torch.float64)
+            noisy = x + torch.randn(x.shape, generator=generator, dtype=torch.float64) * sigma
+            flips += tensor_checksum(x) != tensor_checksum(noisy)
+        cells, pixels_per_cell, quantum = 2 * 3 * 8 * 8, 16, 1e-4
+        bound = cells * 2 * (sigma / pixels_per_cell ** 0.5) / quantum
+        assert flips / trials <= bound
+        assert bound < 0.2
+
+    def test_same_values_same_digest_across_dtypes(self):
+        x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        assert tensor_checksum(x) == tensor_checksum(x.clone()) == tensor_checksum(x.double())
 
     def test_real_change_registers(self):
         x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -480,9 +480,6 @@ class TestNotApplicable:
         assert [v.ok for v in result] == [None] * len(SIGNALS)
         assert all_good(result)
 
-    @pytest.mark.xfail(strict=True, reason="bug: beats_identity checks the identity_proxy_total column over the "
-                                           "whole history, which the init record always fills; val_epoch records "
-                                           "without a baseline give ok=False ('identity nan') instead of None")
     def test_beats_identity_without_val_baseline(self):
         hist = history("stage2_hybrid", lambda r: _drop(r, "val_epoch", "identity_proxy_total", "gt_proxy_total"))
         assert judged("beats_identity", hist).ok is None
