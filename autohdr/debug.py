@@ -100,7 +100,10 @@ def build_loaders(train_rows: pd.DataFrame, val_rows: pd.DataFrame, preset: Data
     val_set = data_mod.PairDataset(val_rows, resize_hw=tuple(preset.resize_hw), hflip=False, seed=seed)
     sampler = DistributedSampler(train_set, num_replicas=dist_ctx.world_size, rank=dist_ctx.rank,
                                  shuffle=True, seed=seed, drop_last=dist_ctx.enabled)
-    common = {"num_workers": preset.num_workers, "persistent_workers": preset.num_workers > 0}
+    # Workers are not persistent when flips are on: the dataset's per-epoch flip seed (set_epoch)
+    # reaches worker processes only when they are started anew each epoch.
+    common = {"num_workers": preset.num_workers,
+              "persistent_workers": preset.num_workers > 0 and not preset.hflip}
     train_loader = DataLoader(train_set, batch_size=preset.batch_size, sampler=sampler, **common)
     val_loader = DataLoader(val_set, batch_size=preset.batch_size, shuffle=False, **common)
     return train_loader, val_loader
@@ -174,9 +177,9 @@ def run_debug_mode(
         val_loader = val_loader or built_val
         ground_truth = load_ground_truth(root)
 
+    torch.manual_seed(seed)  # before the model is built: its initial weights depend on the seed
     if model is None:
         model = load_model_factory(model_factory)() if model_factory else LensCorrectionModel(preset.model)
-    torch.manual_seed(seed)
     model = model.to(torch_device)
     if dist_ctx.enabled:
         model = nn.parallel.DistributedDataParallel(

@@ -26,15 +26,47 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends records to ``metrics.jsonl``; a disabled writer (non-zero DDP rank) writes nothing."""
+    """Writes records to ``metrics.jsonl``; a disabled writer (non-zero DDP rank) writes nothing.
+
+    :meth:`start_fresh` begins a new history (an older file is kept as ``metrics.jsonl.prev``);
+    :meth:`continue_from` keeps the history up to a resumed step and appends after it, so a resumed
+    run's file reads like the uninterrupted run's.
+    """
+
+    #: record kinds that close a run; dropped when the run is continued
+    ENDING_KINDS = ("run_end", "interrupted", "error")
 
     def __init__(self, path: str | Path, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self._handle = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a", encoding="utf-8")
+
+    def start_fresh(self) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.path.replace(self.path.with_name(self.path.name + ".prev"))
+        self._handle = open(self.path, "w", encoding="utf-8")
+
+    def continue_from(self, step: int) -> None:
+        """Keep records with ``step <= step`` (and step-less ones) that do not close a run."""
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if record.get("kind") in self.ENDING_KINDS:
+                    continue
+                if record.get("step") is None or record["step"] <= step:
+                    kept.append(line)
+        self._handle = open(self.path, "w", encoding="utf-8")
+        self._handle.write("".join(line + "\n" for line in kept))
+        self._handle.flush()
 
     def write(self, record: dict[str, Any]) -> None:
         if self._handle is None:

@@ -49,6 +49,7 @@ class ModelConfig:
     residual_hidden: int = 32                   # hidden channels of the residual head
     residual_stride: int = 8                    # low-res flow is (H / stride, W / stride); power of 2
     residual_max_px: float = 4.0                # bound on the flow, in low-resolution pixels
+    residual_gain: float = 0.1                  # flow per unit of the last conv's output near zero
     param_bounds: tuple[tuple[float, float], ...] = field(default=DEFAULT_PARAM_BOUNDS)
 
     def __post_init__(self) -> None:
@@ -66,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"residual_stride must be a power of 2 in [2, {2 ** len(self.widths)}], got {stride}")
         if self.residual_max_px <= 0:
             raise ValueError(f"residual_max_px must be positive, got {self.residual_max_px}")
+        if self.residual_gain <= 0:
+            raise ValueError(f"residual_gain must be positive, got {self.residual_gain}")
 
 
 def bound_params(raw: torch.Tensor, bounds: tuple[tuple[float, float], ...]) -> torch.Tensor:
@@ -156,15 +159,18 @@ class ParamHead(nn.Module):
 
 
 class ResidualHead(nn.Module):
-    """Low-resolution flow bounded by ``max_px`` (``max_px * tanh``); last conv starts at zero.
+    """Low-resolution flow ``max_px * tanh(gain * conv / max_px)``; the last conv starts at zero.
 
     A zero last layer gives a zero flow at init, yet its weights get a non-zero gradient
-    (``dL/dflow * max_px * features``) from the first stage-2 step.
+    (``dL/dflow * gain * features``) from the first stage-2 step. The small ``gain`` keeps both
+    that gradient and the flow change of one optimizer step small, so a fresh residual branch does
+    not jump to its bound on its first steps (and does not dominate gradient clipping).
     """
 
-    def __init__(self, in_ch: int, hidden: int, groups: int, max_px: float) -> None:
+    def __init__(self, in_ch: int, hidden: int, groups: int, max_px: float, gain: float = 0.1) -> None:
         super().__init__()
         self.max_px = max_px
+        self.gain = gain
         self.conv1 = nn.Conv2d(in_ch, hidden, 3, padding=1)
         self.norm1 = nn.GroupNorm(min(groups, hidden), hidden)
         self.conv2 = nn.Conv2d(hidden, 2, 3, padding=1)
@@ -173,7 +179,8 @@ class ResidualHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``features (B, C, h, w) -> flow (B, 2, h, w)`` in pixels of ``(h, w)``."""
-        return self.max_px * torch.tanh(self.conv2(F.silu(self.norm1(self.conv1(features)))))
+        raw = self.conv2(F.silu(self.norm1(self.conv1(features))))
+        return self.max_px * torch.tanh(raw * (self.gain / self.max_px))
 
 
 class LensCorrectionModel(nn.Module):
@@ -191,7 +198,7 @@ class LensCorrectionModel(nn.Module):
         self.param_head = ParamHead(cfg.widths[-1], cfg.head_hidden, cfg.param_bounds)
         self._residual_level = cfg.residual_stride.bit_length() - 2  # stride 2 -> stage 0
         self.residual_head = ResidualHead(cfg.widths[self._residual_level], cfg.residual_hidden,
-                                          cfg.groups, cfg.residual_max_px)
+                                          cfg.groups, cfg.residual_max_px, cfg.residual_gain)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         check_image(image)

@@ -70,7 +70,8 @@ def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: 
 
 def _set_epoch(loader, epoch: int) -> None:
     """Reseed per-epoch shuffling where the loader or its sampler supports it."""
-    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                getattr(loader, "dataset", None)):
         if obj is not None and hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)
 
@@ -283,6 +284,9 @@ class Trainer:
             self.info(f"initialized model weights from {init_from} (stage {state.get('stage')})")
         if resume_from is not None:
             start_epoch = self._resume(resume_from)
+            self.metrics.continue_from(self.global_step)
+        else:
+            self.metrics.start_fresh()
         self.metrics.write({"kind": "run_start", "stage": cfg.stage, "residual_branch_active": self.spec.residual_active,
                             "residual_terms": self.spec.residual_terms, "jacobian_term": self.spec.jacobian_term,
                             "device": str(self.device), "world_size": self.dist.world_size,
@@ -522,7 +526,8 @@ class _PerfTotals:
 
 
 def _progress(total: int | None, desc: str, enabled: bool):
-    if not enabled:
+    """A progress bar on an interactive terminal; none in logs and CI (the log lines suffice there)."""
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)

@@ -612,6 +612,7 @@ def _write_jsonl(records: list[Record], path) -> None:
 
 def _write_with_metrics_writer(records: list[Record], path) -> None:
     writer = MetricsWriter(path)
+    writer.start_fresh()
     for record in records:
         writer.write(record)
     writer.close()
