@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.plugins.data_fixtures",
+    "tests.plugins.debug_runs",
+    "tests.plugins.gpu",
 ]

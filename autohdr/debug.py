@@ -173,8 +173,8 @@ def run_debug_mode(
             data_mod.write_split_csv(train_rows, split_dir / "train_split.csv")
             data_mod.write_split_csv(val_rows, split_dir / "val_split.csv")
         built_train, built_val = build_loaders(train_rows, val_rows, data_preset, seed, dist_ctx)
-        train_loader = train_loader or built_train
-        val_loader = val_loader or built_val
+        train_loader = built_train if train_loader is None else train_loader
+        val_loader = built_val if val_loader is None else val_loader
         ground_truth = load_ground_truth(root)
 
     torch.manual_seed(seed)  # before the model is built: its initial weights depend on the seed

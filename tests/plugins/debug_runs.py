@@ -1,0 +1,121 @@
+"""One trained debug run per configuration, shared by every test that judges it.
+
+``debug_run(spec)`` (session fixture) returns the :class:`DebugRun` of a :class:`RunSpec`: the
+first test that asks trains it, every later test (in any pytest-xdist worker) reads the stored
+report. Workers share one folder under the session's base temp directory and take a file lock
+per run, so each configuration trains exactly once per session, whatever ``-n`` is.
+
+A run also checks that it left the data root byte-identical (the dataset is never written to).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import pytest
+from filelock import FileLock
+
+from autohdr.debug import build_loaders, data_preset_from_env, run_debug_mode, select_rows
+from autohdr.metrics_log import read_metrics
+from autohdr.presets import load_preset
+from autohdr.settings import default_fixture_root
+from autohdr.verdicts import Verdict
+from tests import faults
+from tests.plugins.data_fixtures import hash_tree
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A debug run: a mode, optionally broken by a fault, with preset overrides.
+
+    ``model`` names a model class in :mod:`tests.faults` (``None``: the healthy model);
+    ``loader_sleep_s > 0`` wraps the training loader in :class:`tests.faults.SleepingLoader`.
+    """
+
+    name: str
+    mode: str
+    model: str | None = None
+    loader_sleep_s: float = 0.0
+    overrides: tuple[tuple[str, Any], ...] = ()
+    epochs: int | None = None
+    seed: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {k: (list(map(list, v)) if k == "overrides" else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class DebugRun:
+    """A finished run: its report, its metric history and its folder."""
+
+    spec: RunSpec
+    report: dict[str, Any]
+    out_dir: Path
+    history: pd.DataFrame = field(repr=False)
+
+    def verdict(self, signal: str) -> Verdict:
+        for item in self.report["verdicts"]:
+            if item["signal"] == signal:
+                return Verdict(**item)
+        raise KeyError(f"run {self.spec.name} has no verdict for {signal!r}")
+
+
+def _train(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
+    overrides = dict(spec.overrides)
+    model = getattr(faults, spec.model)() if spec.model else None
+    train_loader = val_loader = None
+    if spec.loader_sleep_s > 0:
+        preset = load_preset(spec.mode, overrides)
+        data = data_preset_from_env(preset.data)
+        train_rows, val_rows = select_rows(default_fixture_root(), data)
+        train_loader, val_loader = build_loaders(train_rows, val_rows, data, spec.seed)
+        train_loader = faults.SleepingLoader(train_loader, spec.loader_sleep_s)
+    return run_debug_mode(spec.mode, model=model, train_loader=train_loader, val_loader=val_loader,
+                          out_dir=out_dir, device="cpu", seed=spec.seed, overrides=overrides,
+                          epochs=spec.epochs, plots=False, log=lambda message: None)
+
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist, give each worker its share of the cores: N workers each running torch
+    with all cores oversubscribe the CPU and make every run several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[RunSpec], DebugRun]:
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "debug-runs"
+    shared.mkdir(parents=True, exist_ok=True)
+    data_root = default_fixture_root()
+    _share_cores_between_workers()
+    loaded: dict[str, DebugRun] = {}
+
+    def get(spec: RunSpec) -> DebugRun:
+        if spec.name in loaded:
+            return loaded[spec.name]
+        out_dir = shared / spec.name
+        with FileLock(str(shared / f"{spec.name}.lock")):
+            done = out_dir / "spec.json"
+            if done.is_file():
+                if json.loads(done.read_text()) != spec.describe():
+                    raise RuntimeError(f"two different RunSpecs are both named {spec.name!r}")
+                report = json.loads((out_dir / "report.json").read_text())
+            else:
+                before = hash_tree(data_root)
+                report = _train(spec, out_dir)
+                if hash_tree(data_root) != before:
+                    pytest.fail(f"run {spec.name} changed files under the data root {data_root}", pytrace=False)
+                done.write_text(json.dumps(spec.describe()))
+        loaded[spec.name] = DebugRun(spec, report, out_dir, read_metrics(out_dir))
+        return loaded[spec.name]
+
+    return get
