@@ -313,5 +313,4 @@ def test_speed_per_pair_at_128(benchmark):
     scores = benchmark.pedantic(proxy_score, args=(pred, target), rounds=30, iterations=1, warmup_rounds=3)
     assert 0.0 < scores["total"] < 1.0
     if benchmark.stats is not None:  # None under --benchmark-disable / xdist
-        benchmark.extra_info["ms_per_pair_mean"] = benchmark.stats.stats.mean * 1e3
-        assert benchmark.stats.stats.median < 0.05  # generous: ~6 ms on one CPU core
+        benchmark.extra_info["ms_per_pair_median"] = benchmark.stats.stats.median * 1e3
