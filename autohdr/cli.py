@@ -16,6 +16,17 @@ from autohdr.presets import MODES
 EXIT_OK, EXIT_BAD_SIGNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+class UsageError(ValueError):
+    """A bad command line, reported as one ``autohdr: error: ...`` line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without the usage block on errors: one line, and ``main`` returns 2 (no SystemExit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", type=Path, default=None,
                         help="folder of <id>_original.jpg / <id>_generated.jpg pairs (default: "
@@ -33,8 +44,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autohdr", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="autohdr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     debug = sub.add_parser("debug", help="run a debug mode and judge every signal")
     debug.add_argument("mode", help=f"one of {', '.join(MODES)}, or a preset .toml file")
@@ -67,6 +77,8 @@ def _print_report(report: dict) -> None:
 
 def _run(args, mode: str, overrides: list[str], resume=None) -> int:
     from autohdr.debug import run_debug_mode
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     report = run_debug_mode(mode, data_root=args.data_root, out_dir=args.out, device=args.device, seed=args.seed,
                             overrides=overrides, epochs=args.epochs, model_factory=args.model_factory,
                             init_from=args.init_from, resume_from=resume, plots=not args.no_plots)
@@ -79,15 +91,20 @@ def _run(args, mode: str, overrides: list[str], resume=None) -> int:
 
 
 def _judge(args) -> int:
+    from autohdr.config import from_mapping
     from autohdr.presets import load_preset
     from autohdr.verdicts import JudgeConfig, all_good, format_table, judge
     cfg = JudgeConfig()
     report_path = args.run_dir / "report.json"
     mode = args.mode
     if mode is None and report_path.is_file():
-        cfg_dict = json.loads(report_path.read_text()).get("config", {}).get("judge")
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        stored = report.get("config") if isinstance(report, dict) else None
+        cfg_dict = stored.get("judge") if isinstance(stored, dict) else None
         if cfg_dict:
-            cfg = JudgeConfig(**cfg_dict)
+            if not isinstance(cfg_dict, dict):
+                raise ValueError(f"{report_path}: config.judge must be a table of thresholds, got {cfg_dict!r}")
+            cfg = from_mapping(JudgeConfig, cfg_dict, where=f"{report_path} config.judge")
     elif mode is not None:
         cfg = load_preset(mode).judge
     verdicts = judge(args.run_dir, cfg)
@@ -98,10 +115,17 @@ def _judge(args) -> int:
     return EXIT_OK if all_good(verdicts) else EXIT_BAD_SIGNAL
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: OS errors as ``reason: path``, multi-line messages joined by `` | ``."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.command == "debug":
             return _run(args, args.mode, args.overrides)
         if args.command == "judge":
@@ -110,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"autohdr: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # DataError and UsageError are ValueErrors
+        print(f"autohdr: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -56,6 +56,7 @@ class TrainConfig:
     log_interval: int = 10                   # steps between human log lines
     progress: bool = True                    # tqdm progress bar on the step loop
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    ddp_broadcast_buffers: bool = True       # under torchrun: DDP copies rank 0's buffers every forward
     # Instrumentation (the runbook's diagnostics)
     debug_instrumentation: bool = False      # per-step gradient norms, deltas, geometry, probe
     debug_perf_enabled: bool = False         # per-step timings and throughput

@@ -183,7 +183,8 @@ def run_debug_mode(
     model = model.to(torch_device)
     if dist_ctx.enabled:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_ctx.local_rank] if torch_device.type == "cuda" else None)
+            model, device_ids=[dist_ctx.local_rank] if torch_device.type == "cuda" else None,
+            broadcast_buffers=train_cfg.ddp_broadcast_buffers)
 
     trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
                       ground_truth=ground_truth, dist_ctx=dist_ctx, log=log)

@@ -2,7 +2,9 @@
 
 Every record has a ``kind`` (``run_start``, ``init``, ``train_step``, ``warning``, ``val_epoch``,
 ``epoch_end``, ``error``, ``run_end``). Floats are written with full precision
-(``repr``-exact), so ``pandas.read_json(path, lines=True)`` gives back exactly what was logged.
+(``repr``-exact), so :func:`read_metrics` gives back exactly what was logged, and so does
+``pandas.read_json(path, lines=True, precise_float=True, dtype=False)``. Without those two options
+pandas rounds the last digits of some floats and turns an all-digit checksum string into a number.
 """
 
 from __future__ import annotations

@@ -131,6 +131,10 @@ class Trainer:
         self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self._probe: dict | None = None
         self._baselines: dict[str, float] | None = None
+        # One monitor for the whole run (its count spans epochs); saved in checkpoints for resume.
+        self._monitor = (ResidualInactivityMonitor(config.debug_residual_inactive_threshold_px,
+                                                   config.debug_residual_inactive_patience)
+                         if config.debug_instrumentation and self.spec.residual_active else None)
 
     # ------------------------------------------------------------------ helpers
     def info(self, message: str) -> None:
@@ -181,6 +185,8 @@ class Trainer:
             "stage": self.config.stage,
             "config": to_dict(self.config),
             "rng": torch.get_rng_state(),
+            "inactivity_monitor": ({"consecutive": self._monitor.consecutive, "fired": self._monitor.fired}
+                                   if self._monitor is not None else None),
         }
         model_config = getattr(self.core, "config", None)
         if model_config is not None and hasattr(model_config, "__dataclass_fields__"):
@@ -230,7 +236,12 @@ class Trainer:
             return {"val_loss": total}
 
         need_baselines = self._baselines is None
-        scores = score_subset(self.model, self.val_loader, residual_active=self.spec.residual_active,
+        # A finite last training loss does not make the updated weights usable (a huge step can
+        # overflow the next forward): outputs are checked here so such a run stops with
+        # NonFiniteLossError instead of a ValueError deep inside the proxy.
+        used = ("params", "residual_flow_lowres") if self.spec.residual_active else ("params",)
+        checked = _FiniteOutputs(self.model, used, self._fail_non_finite_outputs).train(self.model.training)
+        scores = score_subset(checked, self.val_loader, residual_active=self.spec.residual_active,
                               device=self.device, ground_truth=self.ground_truth, loss_fn=loss_fn,
                               with_baselines=need_baselines)
         if need_baselines:
@@ -345,6 +356,11 @@ class Trainer:
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state.get("best_epoch", -1))
         torch.set_rng_state(state["rng"])
+        monitor_state = state.get("inactivity_monitor")
+        if self._monitor is not None and monitor_state is not None:
+            self._monitor.consecutive = int(monitor_state["consecutive"])
+            self._monitor.fired = int(monitor_state["fired"])
+        self.epoch = int(state["epoch"])
         self.info(f"resumed from {path} after epoch {int(state['epoch']) + 1}")
         return int(state["epoch"]) + 1
 
@@ -354,10 +370,7 @@ class Trainer:
         self.model.train()
         _set_epoch(self.train_loader, self.epoch)
         tracker = ParamDeltaTracker(self.groups) if instrument else None
-        monitor = self._monitor if hasattr(self, "_monitor") else None
-        if monitor is None and instrument and self.spec.residual_active:
-            monitor = self._monitor = ResidualInactivityMonitor(cfg.debug_residual_inactive_threshold_px,
-                                                                cfg.debug_residual_inactive_patience)
+        monitor = self._monitor
         timer = StepTimer(self.device, enabled=cfg.debug_perf_enabled or instrument)
         progress = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
                              cfg.progress and self.dist.is_main)
@@ -397,7 +410,7 @@ class Trainer:
             total, components = self._loss(correction, target)
         timer.mark("forward")
         if not torch.isfinite(total):
-            self._fail_non_finite("loss", float(total), components)
+            self._fail_non_finite("loss", float(total.detach()), components)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         timer.mark("backward")
@@ -411,6 +424,7 @@ class Trainer:
         if not torch.isfinite(grad_total):
             self._fail_non_finite("gradient norm", float(grad_total), components)
         tensors["grad_norm_total"] = grad_total.detach()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
         self.optimizer.step()
         self.scheduler.step()
         timer.mark("optim_step")
@@ -425,9 +439,12 @@ class Trainer:
                 if correction.residual_flow_lowres is not None:
                     tensors["residual_flow_abs_mean_px"] = correction.residual_flow_lowres.detach().abs().mean()
         names = list(tensors)
-        values = torch.stack([tensors[n].detach().double().reshape(()).cpu() for n in names]).tolist()
-        record = {"kind": "train_step", "epoch": self.epoch, "step": self.global_step,
-                  "lr": self.optimizer.param_groups[0]["lr"], "batch_size": int(image.shape[0]),
+        values = torch.stack([tensors[n].detach().to(self.device, torch.float64).reshape(())
+                              for n in names]).cpu().tolist()
+        # "step" counts optimizer steps including this one, like val_epoch / epoch_end records and
+        # MetricsWriter.continue_from(global_step) expect.
+        record = {"kind": "train_step", "epoch": self.epoch, "step": self.global_step + 1,
+                  "lr": lr, "batch_size": int(image.shape[0]),
                   "residual_branch_active": self.spec.residual_active}
         record.update(zip(names, values))
         record["grad_clipped"] = bool(record["grad_norm_total"] > cfg.grad_clip_norm)
@@ -450,7 +467,7 @@ class Trainer:
                        f"{monitor.threshold_px} px for {monitor.patience} consecutive steps "
                        f"(warning #{monitor.fired})")
             self.metrics.write({"kind": "warning", "name": "residual_inactive", "epoch": self.epoch,
-                                "step": self.global_step, "message": message,
+                                "step": record["step"], "message": message,
                                 "residual_contrib_px_mean": record["residual_contrib_px_mean"]})
             self.info("WARNING " + message)
 
@@ -468,15 +485,20 @@ class Trainer:
         fields.update(cuda_memory_mb(self.device))
         return fields
 
-    def _fail_non_finite(self, what: str, value: float, components: dict) -> None:
+    def _fail_non_finite(self, what: str, value: float, components: dict, step: int | None = None) -> None:
+        step = self.global_step + 1 if step is None else step
         finite = {k: float(v) for k, v in components.items()}
         bad = sorted(k for k, v in finite.items() if not math.isfinite(v))
-        message = (f"non-finite {what} ({value}) at epoch {self.epoch + 1}, step {self.global_step + 1}; "
-                   f"non-finite components: {bad or 'none'}. Lower the learning rate "
-                   f"(lr={self.config.lr}) or check the inputs.")
+        detail = f"; non-finite components: {bad or 'none'}" if components else ""
+        message = (f"non-finite {what} ({value}) at epoch {self.epoch + 1}, step {step}{detail}. "
+                   f"Lower the learning rate (lr={self.config.lr}) or check the inputs.")
         self.metrics.write({"kind": "error", "name": "non_finite", "epoch": self.epoch,
-                            "step": self.global_step + 1, "message": message, **finite})
+                            "step": step, "message": message, **finite})
         raise NonFiniteLossError(message)
+
+    def _fail_non_finite_outputs(self, names: list[str]) -> None:
+        self._fail_non_finite(f"model outputs in validation after the update: {', '.join(names)}",
+                              math.nan, {}, step=self.global_step)
 
     def _log_line(self, r: dict) -> str:
         parts = [f"epoch {self.epoch + 1} step {self.global_step}", f"loss {r['loss']:.5f}", f"lr {r['lr']:.2e}"]
@@ -486,6 +508,26 @@ class Trainer:
         if "samples_per_sec" in r:
             parts.append(f"{r['samples_per_sec']:.1f} samples/s (data {r['data_time_ms']:.1f} ms)")
         return " | ".join(parts)
+
+
+class _FiniteOutputs(nn.Module):
+    """Runs ``model`` unchanged and calls ``on_fail(names)`` when one of the outputs ``names`` it
+    returns is not finite (one device-wide check per output and batch)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...], on_fail: Callable[[list[str]], None]) -> None:
+        super().__init__()
+        self.model = model
+        self._names = names
+        self._on_fail = on_fail
+
+    def forward(self, image: torch.Tensor):
+        outputs = self.model(image)
+        if isinstance(outputs, Mapping):
+            bad = [name for name in self._names
+                   if isinstance(outputs.get(name), torch.Tensor) and not bool(torch.isfinite(outputs[name]).all())]
+            if bad:
+                self._on_fail(bad)
+        return outputs
 
 
 class _PerfTotals:

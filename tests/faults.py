@@ -140,3 +140,27 @@ class SleepingLoader:
         for batch in self.loader:
             time.sleep(self.seconds)
             yield batch
+
+
+class _BatchNormParamHead(nn.Module):
+    """The parameter head with a ``BatchNorm1d`` on the pooled features (zero last layer kept)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.bounds = head.bounds
+        self.norm = nn.BatchNorm1d(head.fc1.in_features, momentum=0.5)
+        self.fc1, self.fc2 = head.fc1, head.fc2
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from autohdr.model import bound_params
+        raw = self.fc2(torch.nn.functional.silu(self.fc1(self.norm(features.mean(dim=(2, 3))))))
+        return bound_params(raw, self.bounds), raw
+
+
+class BatchNormParamHead(LensCorrectionModel):
+    """Batch-norm statistics in the parameter head. Under DDP with ``ddp_broadcast_buffers=false``
+    each rank keeps the running statistics of its own shard, so the ranks' models drift apart."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.param_head = _BatchNormParamHead(self.param_head)

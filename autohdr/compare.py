@@ -1,0 +1,106 @@
+"""Identity warp versus a trained model on exactly the same samples (the runbook's overfit check).
+
+:func:`compare_identity` scores both with :func:`autohdr.evaluation.score_subset` (so the numbers
+are those the trainer logs as ``val_proxy_*`` and ``identity_proxy_*``) and returns plain JSON-able
+values. :func:`model_from_checkpoint` rebuilds a :class:`~autohdr.model.LensCorrectionModel` from
+the ``model_config`` a trainer checkpoint stores. ``scripts/debug_compare_identity.py`` is the
+command line around both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from autohdr.config import from_mapping, stage_spec
+from autohdr.evaluation import PROXY_KEYS, score_subset
+from autohdr.model import LensCorrectionModel, ModelConfig
+
+#: Keys of the summary :func:`compare_identity` returns (the script adds ``stage`` in front).
+SUMMARY_KEYS: tuple[str, ...] = ("sample_count", "identity", "model", "delta_model_minus_identity")
+#: Resolution used when neither ``--resize-hw`` nor the run's ``report.json`` gives one (the presets').
+DEFAULT_RESIZE_HW: tuple[int, int] = (128, 128)
+
+
+def score_delta(model: Mapping[str, float], identity: Mapping[str, float]) -> dict[str, float]:
+    """``model[k] - identity[k]`` for every proxy key (positive ``total``: the model wins)."""
+    return {key: float(model[key]) - float(identity[key]) for key in PROXY_KEYS}
+
+
+def compare_identity(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    residual_active: bool,
+    device: torch.device | str = "cpu",
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Mean proxy scores of ``model`` and of the identity warp on the same samples.
+
+    Args:
+        model: returns ``params`` ``(B, 8)`` (and optionally ``residual_flow_lowres``).
+        batches: dicts with ``input_image`` and ``target_image`` ``(B, 3, H, W)`` in ``[0, 1]``.
+        residual_active: fuse the residual flow (stages 2 and 3), as in training.
+        device: where the model and the batches run.
+        max_batches: score only the first ``max_batches`` batches (``None``: all).
+
+    Returns:
+        ``sample_count`` (int) and ``identity``, ``model``, ``delta_model_minus_identity``: dicts
+        with ``total, edge, line, grad, ssim, mae, hard_fail`` (``hard_fail`` is the fraction of
+        hard-failed samples).
+
+    Raises:
+        ValueError: ``max_batches < 1``, or no sample was scored (empty ``batches``).
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    scores = score_subset(model, batches, residual_active=residual_active, device=torch.device(device),
+                          max_batches=max_batches)
+    return {
+        "sample_count": scores.sample_count,
+        "identity": dict(scores.identity),
+        "model": dict(scores.model),
+        "delta_model_minus_identity": score_delta(scores.model, scores.identity),
+    }
+
+
+def checkpoint_stage(payload: Mapping[str, Any]) -> str:
+    """The training stage a checkpoint was saved in (``stage``, else ``config["stage"]``)."""
+    stage = payload.get("stage") or (payload.get("config") or {}).get("stage")
+    if not stage:
+        raise ValueError("the checkpoint records no stage; pass --stage")
+    return stage_spec(str(stage)).name
+
+
+def model_from_checkpoint(payload: Mapping[str, Any], device: torch.device | str = "cpu") -> LensCorrectionModel:
+    """A :class:`LensCorrectionModel` built from ``payload["model_config"]`` with its weights loaded.
+
+    Raises:
+        ValueError: no ``model_config`` (a custom ``--model-factory`` model without one), or the
+            weights do not fit the rebuilt model.
+    """
+    raw = payload.get("model_config")
+    if not isinstance(raw, Mapping):
+        raise ValueError("the checkpoint has no model_config (was it trained with a custom model factory?)")
+    model = LensCorrectionModel(from_mapping(ModelConfig, dict(raw), where="checkpoint model_config"))
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"the checkpoint's weights do not fit its model_config: {first}") from None
+    return model.to(device).eval()
+
+
+def run_resize_hw(checkpoint_path: str | Path) -> tuple[int, int] | None:
+    """The ``data.resize_hw`` of the run a checkpoint belongs to (``report.json`` beside it), if any."""
+    report = Path(checkpoint_path).parent / "report.json"
+    try:
+        value = json.loads(report.read_text(encoding="utf-8"))["config"]["data"]["resize_hw"]
+        height, width = (int(v) for v in value)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return height, width

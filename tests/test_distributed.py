@@ -1,0 +1,119 @@
+"""Two CPU ranks under torchrun (gloo): the diagnostics stay true across ranks.
+
+* A healthy two-rank run gives the same verdicts as the one-rank run with the same global batch
+  (2 ranks x 4 = 1 rank x 8), and in fact the same validation scores: DistributedSampler hands the
+  two ranks the two halves of the single-rank batch and DDP averages their gradients.
+* ``ranks_in_sync`` is green there and red on a deliberately unsynchronized run: batch-norm
+  statistics kept per rank (``ddp_broadcast_buffers=false``), so the ranks' models drift apart.
+* Only rank 0 writes: one metrics file, one report, and checkpoints that load in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autohdr.checkpoint import load_checkpoint
+from autohdr.model import LensCorrectionModel
+from autohdr.metrics_log import read_metrics
+from tests.plugins.debug_runs import RunSpec
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_RANK = RunSpec("healthy-stage2-128px", "stage2_probe")  # shared with test_diagnostics.py
+
+
+def run_torchrun(out_dir: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=N -m autohdr debug ...`` on CPU, one thread per rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "autohdr", "debug", *args, "--device", "cpu", "--no-plots", "--out", str(out_dir)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _report(result: subprocess.CompletedProcess, out_dir: Path) -> dict:
+    report_path = out_dir / "report.json"
+    assert report_path.is_file(), f"no report (exit {result.returncode}):\n{result.stderr[-3000:]}"
+    return json.loads(report_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_rank_healthy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp-healthy")
+    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4")
+    return result, _report(result, out), out
+
+
+@pytest.fixture(scope="module")
+def two_rank_unsynced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp-unsynced")
+    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4",
+                          "--model-factory", "tests.faults:BatchNormParamHead",
+                          "--set", "train.ddp_broadcast_buffers=false")
+    return result, _report(result, out), out
+
+
+def _oks(report: dict) -> dict[str, bool | None]:
+    return {v["signal"]: v["ok"] for v in report["verdicts"]}
+
+
+def test_two_ranks_healthy_exit_zero_and_in_sync(two_rank_healthy):
+    result, report, _ = two_rank_healthy
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["world_size"] == 2 and report["all_good"]
+    sync = next(v for v in report["verdicts"] if v["signal"] == "ranks_in_sync")
+    assert sync["ok"] is True, sync["detail"]
+
+
+def test_two_ranks_give_the_one_rank_verdicts(two_rank_healthy, debug_run):
+    _, two, _ = two_rank_healthy
+    one = debug_run(ONE_RANK).report
+    expected = {**_oks(one), "ranks_in_sync": True}  # n/a in one process, judged with two
+    assert _oks(two) == expected
+
+
+def test_two_ranks_track_the_one_rank_run(two_rank_healthy, debug_run):
+    _, _, out = two_rank_healthy
+    one = debug_run(ONE_RANK).history.query("kind == 'val_epoch'")["val_proxy_total"].to_numpy()
+    two = read_metrics(out).query("kind == 'val_epoch'")["val_proxy_total"].to_numpy()
+    # same global batches and averaged gradients: equal up to float summation order
+    assert two.shape == one.shape
+    assert abs(two - one).max() < 5e-3, (one, two)
+
+
+def test_metrics_are_global_and_written_once(two_rank_healthy):
+    _, _, out = two_rank_healthy
+    history = read_metrics(out)
+    assert (history["kind"] == "run_start").sum() == 1  # rank 1 wrote nothing
+    start = history.query("kind == 'run_start'").iloc[0]
+    assert start["world_size"] == 2
+    val = history.query("kind == 'val_epoch'")
+    assert val["rank_param_checksums"].map(len).eq(2).all()
+    steps = history.query("kind == 'train_step'")
+    assert (steps["batch_size_global"] == 8).all()
+
+
+def test_checkpoint_loads_in_one_process(two_rank_healthy):
+    _, _, out = two_rank_healthy
+    state = load_checkpoint(out / "last.pt")
+    model = LensCorrectionModel()
+    model.load_state_dict(state["model"])  # no "module." prefixes from the DDP wrapper
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.rand(1, 3, 64, 64))["params"]).all()
+
+
+def test_unsynchronized_ranks_are_detected(two_rank_unsynced):
+    result, report, _ = two_rank_unsynced
+    verdicts = {v["signal"]: v for v in report["verdicts"]}
+    assert verdicts["ranks_in_sync"]["ok"] is False, verdicts["ranks_in_sync"]["detail"]
+    assert result.returncode == 1
+    # no false alarm on the signals the fault does not touch
+    for signal in ("finite", "residual_head_learning", "not_data_bound"):
+        assert verdicts[signal]["ok"] is True, (signal, verdicts[signal]["detail"])
