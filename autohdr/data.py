@@ -186,6 +186,19 @@ def select_pairs(rows: pd.DataFrame, num_pairs: int, seed: int = 0, shuffle: boo
     return rows.iloc[:num_pairs].reset_index(drop=True)
 
 
+def ensure_outside_data_root(path: str | Path, data_root: str | Path, what: str) -> None:
+    """Refuse ``path`` (a folder something will be written to) when it lies in ``data_root``.
+
+    Raises:
+        DataError: naming ``what`` (e.g. ``"--out"``), the path and the root: the dataset is immutable.
+    """
+    root = Path(data_root).expanduser().absolute()
+    target = Path(path).expanduser().absolute()
+    if root.is_dir() and (target.resolve() == root.resolve() or root.resolve() in target.resolve().parents):
+        raise DataError(f"{what} {target} is inside the data root {root}: the dataset is immutable, "
+                        f"write outputs somewhere else")
+
+
 def prepare_overfit_split(data_root: str | Path, out_dir: str | Path, num_pairs: int = 64, seed: int = 123,
                           shuffle: bool = False) -> dict[str, Any]:
     """Write ``train_split.csv`` and ``val_split.csv`` with the SAME rows (train == val on purpose).
@@ -204,9 +217,7 @@ def prepare_overfit_split(data_root: str | Path, out_dir: str | Path, num_pairs:
         raise ValueError(f"number of pairs must be >= 1, got {num_pairs}")
     root = Path(data_root).expanduser().absolute()
     out = Path(out_dir).expanduser().absolute()
-    if root.is_dir() and (out.resolve() == root.resolve() or root.resolve() in out.resolve().parents):
-        raise DataError(f"out dir {out} is inside the data root {root}: the dataset is immutable, "
-                        f"write the split somewhere else")
+    ensure_outside_data_root(out, root, "out dir")
     rows = scan_pairs(root)
     chosen = select_pairs(rows, num_pairs, seed, shuffle)
     validate_pairs(chosen)

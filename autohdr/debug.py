@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -155,7 +156,7 @@ def run_debug_mode(
     started = time.perf_counter()
     extra = dict(overrides) if isinstance(overrides, dict) else list(overrides or [])
     preset: DebugPreset = load_preset(mode, extra)
-    train_cfg = dataclasses.replace(preset.train, seed=seed, **({"epochs": epochs} if epochs else {}))
+    train_cfg = dataclasses.replace(preset.train, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
     data_preset = data_preset_from_env(preset.data)
     torch_device = resolve_device(device)
     dist_ctx = init_distributed(torch_device)
@@ -167,9 +168,11 @@ def run_debug_mode(
     ground_truth = None
     uses_data_root = train_loader is None or val_loader is None
     if uses_data_root:
+        split_dir = Path(os.environ.get("AUTOHDR_SPLIT_DIR") or out)
+        data_mod.ensure_outside_data_root(out, root, "--out")
+        data_mod.ensure_outside_data_root(split_dir, root, "AUTOHDR_SPLIT_DIR")
         train_rows, val_rows = select_rows(root, data_preset)
         if dist_ctx.is_main:
-            split_dir = Path(os.environ.get("AUTOHDR_SPLIT_DIR") or out)
             data_mod.write_split_csv(train_rows, split_dir / "train_split.csv")
             data_mod.write_split_csv(val_rows, split_dir / "val_split.csv")
         built_train, built_val = build_loaders(train_rows, val_rows, data_preset, seed, dist_ctx)
@@ -180,6 +183,9 @@ def run_debug_mode(
     torch.manual_seed(seed)  # before the model is built: its initial weights depend on the seed
     if model is None:
         model = load_model_factory(model_factory)() if model_factory else LensCorrectionModel(preset.model)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"--model-factory {model_factory} returned {type(model).__name__}, "
+                             f"expected a torch.nn.Module")
     model = model.to(torch_device)
     if dist_ctx.enabled:
         model = nn.parallel.DistributedDataParallel(
@@ -230,7 +236,8 @@ def _figures(history: pd.DataFrame, wall_time_s: float) -> dict[str, Any]:
         for key in ("samples_per_sec", "step_time_ms_mean", "instrumentation_overhead_frac", "steps",
                     "best_val_proxy_total"):
             if key in row:
-                figures[key] = row[key].item() if hasattr(row[key], "item") else row[key]
+                value = row[key].item() if hasattr(row[key], "item") else row[key]
+                figures[key] = value if not isinstance(value, float) or math.isfinite(value) else None
     val = history[history["kind"] == "val_epoch"]
     if not val.empty:
         last = val.iloc[-1]

@@ -411,6 +411,10 @@ class Trainer:
         timer.mark("forward")
         if not torch.isfinite(total):
             self._fail_non_finite("loss", float(total.detach()), components)
+        if not total.requires_grad:
+            raise ValueError(
+                f"the {self.spec.name} loss does not depend on any trainable parameter (it has no grad_fn): "
+                f"is the model's output detached, or are all its parameters frozen?")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         timer.mark("backward")

@@ -384,10 +384,8 @@ def test_console_script_usage_error(tmp_path):
     assert "unknown debug mode 'no_such_mode'" in result.error_line
 
 
-# ------------------------------------------------------------------------------ known bugs in autohdr/debug.py
+# ------------------------------------------------------------------------------ misuse caught before training
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="debug.py run_debug_mode calls .to() on whatever the factory returns (no nn.Module check)")
 def test_factory_returning_a_non_module(data_copy, tmp_path):
     result = run_cli("debug", "overfit_stage1", "--data-root", data_copy, "--out", tmp_path / "run", *QUICK,
                      "--model-factory", "tests.cli_factories:not_a_model")
@@ -395,11 +393,20 @@ def test_factory_returning_a_non_module(data_copy, tmp_path):
     assert "tests.cli_factories:not_a_model" in result.error_line
 
 
-@pytest.mark.xfail(strict=True, reason="debug.py run_debug_mode writes its run folder inside the data root "
-                                       "(prepare_overfit_split refuses that)")
 def test_out_inside_the_data_root_is_refused(fixture_root, tmp_path):
     root = copy_pairs(fixture_root, tmp_path / "data", 4)
     before = hash_tree(root)
     result = run_cli("debug", "overfit_stage1", "--data-root", root, "--out", root / "run", *QUICK, "--no-plots")
     assert hash_tree(root) == before
     assert result.code == EXIT_USAGE
+    assert "--out" in result.error_line and "inside the data root" in result.error_line
+
+
+def test_split_dir_inside_the_data_root_is_refused(fixture_root, tmp_path, monkeypatch):
+    root = copy_pairs(fixture_root, tmp_path / "data", 4)
+    before = hash_tree(root)
+    monkeypatch.setenv("AUTOHDR_SPLIT_DIR", str(root / "splits"))
+    result = run_cli("debug", "overfit_stage1", "--data-root", root, "--out", tmp_path / "run", *QUICK, "--no-plots")
+    assert hash_tree(root) == before
+    assert result.code == EXIT_USAGE
+    assert "AUTOHDR_SPLIT_DIR" in result.error_line and "inside the data root" in result.error_line

@@ -162,6 +162,8 @@ FAULTS = [
            ("finite", "init_is_identity", "param_head_learning", "scores_move", "probe_checksums_change",
             "probe_tracks_updates", "clipping_sane"),
            loader_sleep_s=0.3, epochs=2),
+    _fault("lr-explodes", "overfit_stage1", ("finite",), ("init_is_identity", "not_data_bound"),
+           overrides=(("train.lr", 1e6),), epochs=2),
 ]
 
 
@@ -183,6 +185,15 @@ def test_detector_fires(debug_run, fault, signal):
 def test_no_false_alarm(debug_run, fault, signal):
     verdict = debug_run(fault.spec).verdict(signal)
     assert verdict.ok is True, f"{signal} raised a false alarm on {fault.spec.name}: {verdict.detail}"
+
+
+@pytest.mark.overfit_stage1
+def test_non_finite_run_fails_with_a_message_naming_the_cause(debug_run):
+    """An exploding learning rate stops the run with a readable error, not a crash deep in the proxy."""
+    run = debug_run(next(f.spec for f in FAULTS if f.spec.name == "fault-lr-explodes"))
+    error = run.report["error"]
+    assert error and "non-finite" in error and "lr=1000000.0" in error
+    assert run.report["all_good"] is False
 
 
 def test_every_bad_signal_has_a_fault_and_a_healthy_counterpart():

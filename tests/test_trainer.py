@@ -627,3 +627,9 @@ def test_custom_module_without_residual_on_plain_lists(custom_run):
     for name in RESIDUAL_TERMS:  # no flow, so no flow regularizer, even in stage 2
         assert (steps[f"{name}_weighted"] == 0).all()
     assert len(custom_run.kind("val_epoch")) == 3 and custom_run.kind("val_epoch")["probe_pixel"].notna().all()
+
+
+def test_a_loss_without_gradient_path_is_a_clear_error(tmp_path):
+    """Stage 1 trains only the parameter head: detaching it leaves nothing to train, said plainly."""
+    with pytest.raises(ValueError, match=r"stage1_param_only loss does not depend on any trainable parameter"):
+        train(tmp_path, config("stage1_param_only"), seeded(faults.DetachedParamHead))
