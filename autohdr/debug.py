@@ -190,7 +190,9 @@ def run_debug_mode(
     if dist_ctx.enabled:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_ctx.local_rank] if torch_device.type == "cuda" else None,
-            broadcast_buffers=train_cfg.ddp_broadcast_buffers)
+            broadcast_buffers=train_cfg.ddp_broadcast_buffers,
+            # stage 1 leaves the residual head out of the graph: DDP must not wait for its gradients
+            find_unused_parameters=not train_cfg.spec.residual_active)
 
     trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
                       ground_truth=ground_truth, dist_ctx=dist_ctx, log=log)

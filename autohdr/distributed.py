@@ -84,3 +84,15 @@ def gather_objects(value, ctx: DistContext) -> list:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (batch-norm running statistics) to every rank, in place.
+
+    DDP with ``broadcast_buffers=True`` does this at the start of each training forward; doing it
+    once more before validation makes every rank evaluate the model rank 0 saves.
+    """
+    if not ctx.enabled:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)

@@ -30,7 +30,7 @@ import torch.nn as nn
 from autohdr import checkpoint as ckpt
 from autohdr.checksum import tensor_checksum
 from autohdr.config import TrainConfig, to_dict
-from autohdr.distributed import SINGLE, DistContext, all_reduce_mean
+from autohdr.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers, gather_objects
 from autohdr.evaluation import Correction, correct, identity_prediction, score_subset
 from autohdr.geometry import grid_statistics
 from autohdr.instrumentation import (
@@ -203,11 +203,11 @@ class Trainer:
     def init_check(self) -> dict:
         """Before any step: does the model predict the identity warp, with identity's proxy and loss?"""
         probe = self._probe_batch()
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.core.training
+        self.core.eval()
         try:
             image, target = probe["input_image"], probe["target_image"]
-            correction = correct(self.model, image, self.spec.residual_active)
+            correction = correct(self.core, image, self.spec.residual_active)
             identity = identity_prediction(image)
             model_loss, _ = self._loss(correction, target)
             identity_loss, _ = composite_loss(identity.float(), target.float(),
@@ -223,7 +223,7 @@ class Trainer:
                     [0, 0, 0, 0, 0, 0, 0, 1.0])).abs().max()),
             }
         finally:
-            self.model.train(was_training)
+            self.core.train(was_training)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -235,12 +235,15 @@ class Trainer:
             total, _ = self._loss(correction, target)
             return {"val_loss": total}
 
+        if getattr(self.model, "broadcast_buffers", False):
+            broadcast_buffers(self.core, self.dist)  # evaluate the model rank 0 saves, as DDP's next forward would
         need_baselines = self._baselines is None
         # A finite last training loss does not make the updated weights usable (a huge step can
         # overflow the next forward): outputs are checked here so such a run stops with
         # NonFiniteLossError instead of a ValueError deep inside the proxy.
         used = ("params", "residual_flow_lowres") if self.spec.residual_active else ("params",)
-        checked = _FiniteOutputs(self.model, used, self._fail_non_finite_outputs).train(self.model.training)
+        # The unwrapped model: evaluation under no_grad needs none of DDP's collectives.
+        checked = _FiniteOutputs(self.core, used, self._fail_non_finite_outputs).train(self.model.training)
         scores = score_subset(checked, self.val_loader, residual_active=self.spec.residual_active,
                               device=self.device, ground_truth=self.ground_truth, loss_fn=loss_fn,
                               with_baselines=need_baselines)
@@ -254,18 +257,29 @@ class Trainer:
         record["val_loss"] = scores.loss_sums["val_loss"] / max(1, scores.sample_count)
         if cfg.debug_instrumentation:
             record.update(self._probe_metrics())
+        if self.dist.enabled:
+            record.update(self._rank_checksums(record))
         return record
+
+    def _rank_checksums(self, record: dict) -> dict:
+        """Every rank's parameter (and probe prediction) checksum, gathered: ranks_in_sync judges them."""
+        mine = (record.get("param_checksum") or self.parameter_checksum(), record.get("probe_pred_checksum"))
+        gathered = gather_objects(mine, self.dist)
+        out = {"rank_param_checksums": [g[0] for g in gathered]}
+        if mine[1] is not None:
+            out["rank_probe_checksums"] = [g[1] for g in gathered]
+        return out
 
     def _probe_metrics(self) -> dict:
         probe = self._probe_batch()
         decimals = self.config.debug_checksum_decimals
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.core.training
+        self.core.eval()
         try:
-            correction = correct(self.model, probe["input_image"], self.spec.residual_active)
+            correction = correct(self.core, probe["input_image"], self.spec.residual_active)
             _, components = self._loss(correction, probe["target_image"])
         finally:
-            self.model.train(was_training)
+            self.core.train(was_training)
         proxy = proxy_score_batch(correction.prediction.float(), probe["target_image"].float())
         return {
             "probe_pred_checksum": tensor_checksum(correction.prediction, decimals),
@@ -280,8 +294,10 @@ class Trainer:
         }
 
     def parameter_checksum(self) -> str:
-        """Digest of every parameter (rounded like the probe), to compare ranks and runs."""
-        flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.core.parameters()])
+        """Digest of every parameter and floating-point buffer (batch-norm statistics), rounded like
+        the probe at two more decimals, to compare ranks and runs."""
+        tensors = [t for t in self.core.state_dict().values() if t.is_floating_point()]
+        flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
         return tensor_checksum(flat, self.config.debug_checksum_decimals + 2)
 
     # ------------------------------------------------------------------ the loop
@@ -420,9 +436,14 @@ class Trainer:
         timer.mark("backward")
         tensors: dict[str, torch.Tensor] = {"loss": total.detach()}
         tensors.update(components)
+        if self.dist.enabled:  # the global batch's mean loss and components (one all-reduce)
+            names = list(tensors)
+            means = all_reduce_mean(torch.stack([tensors[n].detach().float().reshape(()) for n in names]), self.dist)
+            tensors = dict(zip(names, means.unbind()))
         if instrument:
+            # Read after backward, i.e. after DDP's all-reduce: the same on every rank.
             for name, value in grad_norms(self.groups).items():
-                tensors[f"grad_norm_{name}"] = all_reduce_mean(value.detach().float(), self.dist)
+                tensors[f"grad_norm_{name}"] = value.detach().float()
             timer.mark("instrumentation")
         grad_total = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip_norm)
         if not torch.isfinite(grad_total):
@@ -449,6 +470,7 @@ class Trainer:
         # MetricsWriter.continue_from(global_step) expect.
         record = {"kind": "train_step", "epoch": self.epoch, "step": self.global_step + 1,
                   "lr": lr, "batch_size": int(image.shape[0]),
+                  "batch_size_global": int(image.shape[0]) * self.dist.world_size,
                   "residual_branch_active": self.spec.residual_active}
         record.update(zip(names, values))
         record["grad_clipped"] = bool(record["grad_norm_total"] > cfg.grad_clip_norm)

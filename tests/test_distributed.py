@@ -4,7 +4,8 @@
   (2 ranks x 4 = 1 rank x 8), and in fact the same validation scores: DistributedSampler hands the
   two ranks the two halves of the single-rank batch and DDP averages their gradients.
 * ``ranks_in_sync`` is green there and red on a deliberately unsynchronized run: batch-norm
-  statistics kept per rank (``ddp_broadcast_buffers=false``), so the ranks' models drift apart.
+  statistics kept per rank (``ddp_broadcast_buffers=false``), so the ranks' models drift apart;
+  the same batch-norm model with DDP's default buffer broadcast stays green.
 * Only rank 0 writes: one metrics file, one report, and checkpoints that load in one process.
 """
 
@@ -60,6 +61,15 @@ def two_rank_unsynced(tmp_path_factory):
     return result, _report(result, out), out
 
 
+@pytest.fixture(scope="module")
+def two_rank_batchnorm_synced(tmp_path_factory):
+    """The same batch-norm model with DDP's default buffer broadcast: the healthy counterpart."""
+    out = tmp_path_factory.mktemp("ddp-bn-synced")
+    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4",
+                          "--model-factory", "tests.faults:BatchNormParamHead")
+    return result, _report(result, out), out
+
+
 def _oks(report: dict) -> dict[str, bool | None]:
     return {v["signal"]: v["ok"] for v in report["verdicts"]}
 
@@ -96,6 +106,7 @@ def test_metrics_are_global_and_written_once(two_rank_healthy):
     assert start["world_size"] == 2
     val = history.query("kind == 'val_epoch'")
     assert val["rank_param_checksums"].map(len).eq(2).all()
+    assert val["rank_probe_checksums"].map(len).eq(2).all()
     steps = history.query("kind == 'train_step'")
     assert (steps["batch_size_global"] == 8).all()
 
@@ -117,3 +128,11 @@ def test_unsynchronized_ranks_are_detected(two_rank_unsynced):
     # no false alarm on the signals the fault does not touch
     for signal in ("finite", "residual_head_learning", "not_data_bound"):
         assert verdicts[signal]["ok"] is True, (signal, verdicts[signal]["detail"])
+
+
+def test_batch_norm_with_broadcast_buffers_stays_in_sync(two_rank_batchnorm_synced):
+    """The detector blames the unsynchronized statistics, not batch norm itself."""
+    result, report, _ = two_rank_batchnorm_synced
+    sync = next(v for v in report["verdicts"] if v["signal"] == "ranks_in_sync")
+    assert sync["ok"] is True, sync["detail"]
+    assert result.returncode == 0, result.stderr[-3000:]
