@@ -52,6 +52,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1                # cosine floor, as a fraction of the peak
     grad_clip_norm: float = 5.0              # global gradient-norm clip (norms are logged before it)
     amp: bool = True                         # mixed precision (bfloat16 autocast), CUDA only
+    channels_last: bool = False              # channels_last model and inputs, CUDA only (CPU backward crashes)
     seed: int = 0                            # seeds torch; CPU runs are deterministic
     log_interval: int = 10                   # steps between human log lines
     progress: bool = True                    # tqdm progress bar on the step loop

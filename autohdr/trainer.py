@@ -124,12 +124,18 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_lr_factor(s, total, config.warmup_steps, config.min_lr_ratio))
         self.amp_enabled = config.amp and self.device.type == "cuda"
+        # torch 2.13's CPU backward of a strided 1x1 conv on channels_last tensors crashes: CUDA only.
+        self.memory_format = (torch.channels_last if config.channels_last and self.device.type == "cuda"
+                              else torch.preserve_format)
+        if self.memory_format is torch.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.epoch = 0
         self.global_step = 0
         self.best_score = -math.inf
         self.best_epoch = -1
         self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self._probe: dict | None = None
+        self._tools: _StepTools | None = None
         self._baselines: dict[str, float] | None = None
         # One monitor for the whole run (its count spans epochs); saved in checkpoints for resume.
         self._monitor = (ResidualInactivityMonitor(config.debug_residual_inactive_threshold_px,
@@ -326,6 +332,7 @@ class Trainer:
             init = self.init_check()
             init.update({"kind": "init", "from_checkpoint": init_from is not None})
             self.metrics.write(init)
+        self._tools = None  # the delta tracker must start from the weights loaded above
         perf = _PerfTotals(cfg.debug_perf_warmup_steps)
         interrupted = False
         previous_handler = _install_sigterm_as_interrupt()
@@ -382,12 +389,9 @@ class Trainer:
 
     def _train_epoch(self, perf: "_PerfTotals") -> None:
         cfg = self.config
-        instrument = cfg.debug_instrumentation
         self.model.train()
         _set_epoch(self.train_loader, self.epoch)
-        tracker = ParamDeltaTracker(self.groups) if instrument else None
-        monitor = self._monitor
-        timer = StepTimer(self.device, enabled=cfg.debug_perf_enabled or instrument)
+        timer = self._step_tools().timer
         progress = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
                              cfg.progress and self.dist.is_main)
         iterator = iter(self.train_loader)
@@ -399,17 +403,9 @@ class Trainer:
                 batch = next(iterator)
             except StopIteration:
                 break
-            image = batch["input_image"].to(self.device, non_blocking=True)
-            target = batch["target_image"].to(self.device, non_blocking=True)
-            timer.mark("data")
-            record = self._train_step(image, target, timer, tracker, monitor)
+            record, wall_ms = self._step_on(batch, wall_start)
             step_in_epoch += 1
-            self.global_step += 1
-            wall_ms = (time.perf_counter() - wall_start) * 1000.0
-            perf.add(image.shape[0] * self.dist.world_size, wall_ms, timer.phases)
-            if cfg.debug_perf_enabled:
-                record.update(self._perf_fields(timer.phases, wall_ms, image.shape[0]))
-            self.metrics.write(record)
+            perf.add(record["batch_size_global"], wall_ms, timer.phases)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -417,6 +413,42 @@ class Trainer:
                 self.info(self._log_line(record))
         if progress is not None:
             progress.close()
+
+    def train_step(self, batch: Mapping) -> dict:
+        """One optimizer step on ``batch``, exactly as :meth:`fit` runs it, and its ``train_step`` record.
+
+        ``batch`` holds ``input_image`` and ``target_image`` ``(B, 3, H, W)`` (on any device; they are
+        copied to the trainer's). Advances ``global_step`` and the schedule; the record is also written
+        to ``metrics.jsonl`` while a run is open. ``data_time_ms`` then covers only the copy.
+        """
+        self.model.train()
+        self._step_tools().timer.start()
+        record, _ = self._step_on(batch, time.perf_counter())
+        return record
+
+    def _step_tools(self) -> "_StepTools":
+        """Timer and parameter-delta tracker, made once and kept for the run."""
+        if self._tools is None:
+            cfg = self.config
+            instrument = cfg.debug_instrumentation
+            self._tools = _StepTools(
+                timer=StepTimer(self.device, enabled=cfg.debug_perf_enabled or instrument),
+                tracker=ParamDeltaTracker(self.groups) if instrument else None)
+        return self._tools
+
+    def _step_on(self, batch: Mapping, wall_start: float) -> tuple[dict, float]:
+        """Copy, step, perf fields, ``global_step`` and the metrics write; the timer is already started."""
+        tools = self._step_tools()
+        image = batch["input_image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
+        target = batch["target_image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
+        tools.timer.mark("data")
+        record = self._train_step(image, target, tools.timer, tools.tracker, self._monitor)
+        self.global_step += 1
+        wall_ms = (time.perf_counter() - wall_start) * 1000.0
+        if self.config.debug_perf_enabled:
+            record.update(self._perf_fields(tools.timer.phases, wall_ms, image.shape[0]))
+        self.metrics.write(record)
+        return record, wall_ms
 
     def _train_step(self, image, target, timer: StepTimer, tracker, monitor) -> dict:
         cfg = self.config
@@ -554,6 +586,12 @@ class _FiniteOutputs(nn.Module):
             if bad:
                 self._on_fail(bad)
         return outputs
+
+
+@dataclass
+class _StepTools:
+    timer: StepTimer
+    tracker: ParamDeltaTracker | None
 
 
 class _PerfTotals:

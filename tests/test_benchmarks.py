@@ -14,12 +14,10 @@ Under ``-n`` (xdist) or ``--benchmark-disable`` pytest-benchmark turns timing of
 calls its function once, the checks still run, and no figures are recorded. Tests marked ``gpu``
 are skipped with the reason where CUDA is missing (``tests/plugins/gpu.py``).
 
-How a training step is timed (:class:`TrainStep`): the body of the loop in
-``Trainer._train_epoch`` minus fetching the batch, the ``metrics.jsonl`` write and the log line:
-timer start, host-to-device copy, ``Trainer._train_step`` (forward + loss, backward, gradient
-norms, clipping, optimizer and scheduler, parameter deltas, grid statistics, the single host read),
-and ``Trainer._perf_fields`` when ``debug_perf_enabled``. Those two are private: the trainer has no
-public single-step entry point yet (see :class:`TrainStep`). "Instrumentation on" means
+How a training step is timed (:class:`TrainStep`): one call of the public
+``Trainer.train_step`` (the body of ``Trainer.fit``'s step loop minus fetching the batch):
+host-to-device copy, forward + loss, backward, gradient norms, clipping, optimizer and scheduler,
+parameter deltas, grid statistics, the single host read and the perf fields. "Instrumentation on" means
 ``debug_instrumentation`` and ``debug_perf_enabled`` both on; "off" means both off. The overhead
 is ``median(on) / median(off) - 1`` for the same stage and device, recorded on the "on" benchmark
 when its "off" partner ran earlier in the same process.
@@ -44,7 +42,6 @@ from skimage import data as skimage_data
 from autohdr.config import TrainConfig
 from autohdr.data import PairDataset, make_loader, scan_pairs
 from autohdr.geometry import apply_correction, identity_params
-from autohdr.instrumentation import ParamDeltaTracker, ResidualInactivityMonitor, StepTimer
 from autohdr.model import DEFAULT_PARAM_BOUNDS, LensCorrectionModel
 from autohdr.proxy import SCORE_KEYS, proxy_score
 from autohdr.trainer import Trainer
@@ -114,51 +111,22 @@ def on_off(flag: bool) -> str:
 
 @dataclass
 class TrainStep:
-    """One training step through the trainer's own code, callable again and again.
+    """:meth:`Trainer.train_step` on one host batch, callable again and again.
 
-    ``image`` and ``target`` are ``(B, 3, H, W)`` on the host (pinned for CUDA); each call copies
-    them to the trainer's device (``non_blocking``, in ``memory_format``), runs
-    ``Trainer._train_step`` with the timer, parameter-delta tracker and inactivity monitor built as
-    ``Trainer._train_epoch`` builds them, adds ``Trainer._perf_fields`` when perf is on, and
-    synchronizes CUDA before returning the step's record.
-
-    What the trainer should offer instead (trainer.py is the lead's): a public
-    ``Trainer.train_step(batch) -> dict`` holding the body of ``_train_epoch``'s loop (copy, timer,
-    ``_train_step``, perf fields, ``global_step``, the metrics write), with the timer, tracker and
-    monitor kept on the trainer and created once, so ``_train_epoch`` is a loop over it and this
-    class becomes ``lambda: trainer.train_step(batch)``.
+    ``image`` and ``target`` are ``(B, 3, H, W)`` on the host (pinned for CUDA); each call is one
+    training step exactly as ``Trainer.fit`` runs it (copy to the device ``non_blocking``, forward,
+    backward, clip, optimizer step, instrumentation) and synchronizes CUDA before returning.
     """
 
     trainer: Trainer
     image: torch.Tensor
     target: torch.Tensor
-    memory_format: torch.memory_format = torch.preserve_format
     records: list[dict] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        trainer, cfg = self.trainer, self.trainer.config
-        instrument = cfg.debug_instrumentation
-        self.tracker = ParamDeltaTracker(trainer.groups) if instrument else None
-        self.monitor = (ResidualInactivityMonitor(cfg.debug_residual_inactive_threshold_px,
-                                                  cfg.debug_residual_inactive_patience)
-                        if instrument and trainer.spec.residual_active else None)
-        self.timer = StepTimer(trainer.device, enabled=cfg.debug_perf_enabled or instrument)
-        trainer.model.train()
-
     def __call__(self) -> dict:
-        trainer = self.trainer
-        device = trainer.device
-        self.timer.start()
-        wall_start = time.perf_counter()
-        image = self.image.to(device, non_blocking=True, memory_format=self.memory_format)
-        target = self.target.to(device, non_blocking=True, memory_format=self.memory_format)
-        self.timer.mark("data")
-        record = trainer._train_step(image, target, self.timer, self.tracker, self.monitor)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        wall_ms = (time.perf_counter() - wall_start) * 1000.0
-        if trainer.config.debug_perf_enabled:
-            record.update(trainer._perf_fields(self.timer.phases, wall_ms, image.shape[0]))
+        record = self.trainer.train_step({"input_image": self.image, "target_image": self.target})
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize(self.trainer.device)
         self.records.append(record)
         return record
 
@@ -173,22 +141,18 @@ class TrainStep:
 def build_train_step(rows: pd.DataFrame, stage: str, instrumented: bool, device: torch.device, out_dir: Path, *,
                      batch: int, hw: tuple[int, int], amp: bool, channels_last: bool = False) -> TrainStep:
     """A :class:`Trainer` on ``batch`` fixture pairs at ``hw`` and its :class:`TrainStep`."""
-    config = TrainConfig(stage=stage, epochs=1, amp=amp, progress=False, debug_instrumentation=instrumented,
-                         debug_perf_enabled=instrumented)
     if channels_last and device.type != "cuda":
         # torch 2.13 CPU (oneDNN): the backward of a strided 1x1 conv (the model's first skip
         # connection) on channels_last tensors segfaults or aborts the whole process.
         raise ValueError(f"channels_last is for CUDA only here, got device {device}")
-    model = seeded_model()
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    if channels_last:
-        model = model.to(memory_format=memory_format)
+    config = TrainConfig(stage=stage, epochs=1, amp=amp, channels_last=channels_last, progress=False,
+                         debug_instrumentation=instrumented, debug_perf_enabled=instrumented)
     host = fixture_batch(rows, batch, hw)
     image, target = host["input_image"], host["target_image"]
     if device.type == "cuda":
         image, target = image.pin_memory(), target.pin_memory()
-    trainer = Trainer(model, config, [host], [host], out_dir=out_dir, device=device, log=lambda message: None)
-    return TrainStep(trainer, image, target, memory_format)
+    trainer = Trainer(seeded_model(), config, [host], [host], out_dir=out_dir, device=device, log=lambda message: None)
+    return TrainStep(trainer, image, target)
 
 
 def check_train_step(step: TrainStep, record: dict, checksum_before: str, *, batch: int) -> None:

@@ -107,5 +107,5 @@ class TestGradients:
             opt.step()
         upstream = model.residual_head.conv1.weight
         assert float(upstream.grad.norm()) > 0  # gradient reaches past the zero-initialized layer
-        moved = sum(float((p - b).norm()) for p, b in zip(model.residual_head.parameters(), before))
+        moved = sum(float((p.detach() - b).norm()) for p, b in zip(model.residual_head.parameters(), before))
         assert moved > 0

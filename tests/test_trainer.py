@@ -11,6 +11,7 @@ checked for presence and for their arithmetic relations only.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -633,3 +634,19 @@ def test_a_loss_without_gradient_path_is_a_clear_error(tmp_path):
     """Stage 1 trains only the parameter head: detaching it leaves nothing to train, said plainly."""
     with pytest.raises(ValueError, match=r"stage1_param_only loss does not depend on any trainable parameter"):
         train(tmp_path, config("stage1_param_only"), seeded(faults.DetachedParamHead))
+
+
+def test_public_train_step_is_the_step_fit_runs(tmp_path):
+    """``Trainer.train_step`` (what benchmarks call) records exactly what ``fit``'s loop records."""
+    batches = fixture_batches()
+    cfg = config("stage2_hybrid", epochs=1)
+    fitted = train(tmp_path / "fit", cfg, train_loader=batches, val_loader=batches)
+    fit_steps = [r for r in read_records(fitted.out_dir) if r["kind"] == "train_step"]
+    trainer = make_trainer(tmp_path / "manual", cfg, seeded(), batches, batches)
+    manual = [trainer.train_step(batch) for batch in batches]
+    assert trainer.global_step == len(batches) and [r["step"] for r in manual] == [1, 2]
+    for fit_record, step_record in zip(fit_steps, manual, strict=True):
+        step_record = json.loads(json.dumps(step_record))  # as written to metrics.jsonl
+        for key in set(fit_record) - set(CLOCK_FIELDS):
+            assert step_record[key] == fit_record[key], key
+    assert fitted.trainer.parameter_checksum() == trainer.parameter_checksum()
