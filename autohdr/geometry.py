@@ -76,6 +76,19 @@ def identity_grid(batch: int, height: int, width: int, *, device=None, dtype=tor
     return torch.stack((gx, gy), dim=-1).unsqueeze(0).expand(batch, -1, -1, -1).clone()
 
 
+def _lens_terms(params: torch.Tensor, points: torch.Tensor):
+    """The coefficients broadcast over ``points`` (``(B, ..., 2)``), the centred and scaled ``x``,
+    ``y``, ``r2 = x^2 + y^2`` and ``radial = 1 + k1 r2 + k2 r2^2 + k3 r2^3``, each ``(B, ...)``."""
+    _check_params(params)
+    view = (params.shape[0],) + (1,) * (points.ndim - 2)
+    k1, k2, k3, p1, p2, dcx, dcy, s = (params[:, i].reshape(view) for i in range(8))
+    x = (points[..., 0] - dcx) / s
+    y = (points[..., 1] - dcy) / s
+    r2 = x * x + y * y
+    radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    return (k1, k2, k3, p1, p2, dcx, dcy, s), x, y, r2, radial
+
+
 def brown_conrady_map(params: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Map output points to source points with the Brown-Conrady model.
 
@@ -89,13 +102,7 @@ def brown_conrady_map(params: torch.Tensor, points: torch.Tensor) -> torch.Tenso
         ``xs = x radial + 2 p1 x y + p2 (r2 + 2 x^2) + dcx`` and
         ``ys = y radial + p1 (r2 + 2 y^2) + 2 p2 x y + dcy``.
     """
-    _check_params(params)
-    view = (params.shape[0],) + (1,) * (points.ndim - 2)
-    k1, k2, k3, p1, p2, dcx, dcy, s = (params[:, i].reshape(view) for i in range(8))
-    x = (points[..., 0] - dcx) / s
-    y = (points[..., 1] - dcy) / s
-    r2 = x * x + y * y
-    radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    (k1, k2, k3, p1, p2, dcx, dcy, s), x, y, r2, radial = _lens_terms(params, points)
     xs = x * radial + 2.0 * p1 * x * y + p2 * (r2 + 2.0 * x * x) + dcx
     ys = y * radial + p1 * (r2 + 2.0 * y * y) + 2.0 * p2 * x * y + dcy
     return torch.stack((xs, ys), dim=-1)
@@ -111,13 +118,7 @@ def brown_conrady_jacobian(params: torch.Tensor, points: torch.Tensor) -> torch.
     Returns:
         ``(B, ..., 2, 2)`` with ``J[..., i, j] = d source_i / d output_j``.
     """
-    _check_params(params)
-    view = (params.shape[0],) + (1,) * (points.ndim - 2)
-    k1, k2, k3, p1, p2, dcx, dcy, s = (params[:, i].reshape(view) for i in range(8))
-    x = (points[..., 0] - dcx) / s
-    y = (points[..., 1] - dcy) / s
-    r2 = x * x + y * y
-    radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    (k1, k2, k3, p1, p2, dcx, dcy, s), x, y, r2, radial = _lens_terms(params, points)
     dradial = k1 + r2 * (2.0 * k2 + 3.0 * k3 * r2)
     dxs_dx = radial + 2.0 * x * x * dradial + 2.0 * p1 * y + 6.0 * p2 * x
     dxs_dy = 2.0 * x * y * dradial + 2.0 * p1 * x + 2.0 * p2 * y
