@@ -188,11 +188,13 @@ def run_debug_mode(
                              f"expected a torch.nn.Module")
     model = model.to(torch_device)
     if dist_ctx.enabled:
+        # torch 2.13 deprecates the broadcast_buffers argument but keeps it as the only way to keep
+        # buffers rank-local; pass it only to switch the default broadcast off.
+        buffer_kwargs = {} if train_cfg.ddp_broadcast_buffers else {"broadcast_buffers": False}
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_ctx.local_rank] if torch_device.type == "cuda" else None,
-            broadcast_buffers=train_cfg.ddp_broadcast_buffers,
-            # stage 1 leaves the residual head out of the graph: DDP must not wait for its gradients
-            find_unused_parameters=not train_cfg.spec.residual_active)
+            # stage 1 leaves the residual head out of the loss: DDP must not wait for its gradients
+            find_unused_parameters=not train_cfg.spec.residual_active, **buffer_kwargs)
 
     trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
                       ground_truth=ground_truth, dist_ctx=dist_ctx, log=log)
