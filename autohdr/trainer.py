@@ -136,6 +136,9 @@ class Trainer:
         self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self._probe: dict | None = None
         self._tools: _StepTools | None = None
+        # Where an interrupted epoch stands (saved in checkpoints): interrupted.pt resumes there.
+        self._steps_done_in_epoch = 0
+        self._epoch_complete = True
         self._baselines: dict[str, float] | None = None
         # One monitor for the whole run (its count spans epochs); saved in checkpoints for resume.
         self._monitor = (ResidualInactivityMonitor(config.debug_residual_inactive_threshold_px,
@@ -185,6 +188,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
+            "epoch_complete": self._epoch_complete,          # trained, validated and saved
+            "steps_done_in_epoch": self._steps_done_in_epoch,
             "global_step": self.global_step,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
@@ -339,6 +344,7 @@ class Trainer:
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 self.epoch = epoch
+                self._epoch_complete = False
                 self._train_epoch(perf)
                 record = self.validate()
                 score = record["val_proxy_total"]
@@ -347,6 +353,7 @@ class Trainer:
                     self.best_score, self.best_epoch = score, epoch
                 record.update({"best_val_proxy_total": self.best_score, "is_best": improved})
                 self.metrics.write(record)
+                self._epoch_complete, self._steps_done_in_epoch = True, 0
                 self.save("last.pt")
                 if improved:
                     self.save("best.pt")
@@ -384,8 +391,12 @@ class Trainer:
             self._monitor.consecutive = int(monitor_state["consecutive"])
             self._monitor.fired = int(monitor_state["fired"])
         self.epoch = int(state["epoch"])
-        self.info(f"resumed from {path} after epoch {int(state['epoch']) + 1}")
-        return int(state["epoch"]) + 1
+        if not state.get("epoch_complete", True):  # interrupted.pt: finish that epoch from its next batch
+            done = self._steps_done_in_epoch = int(state.get("steps_done_in_epoch", 0))
+            self.info(f"resumed from {path} in epoch {self.epoch + 1} after {done} of its steps")
+            return self.epoch
+        self.info(f"resumed from {path} after epoch {self.epoch + 1}")
+        return self.epoch + 1
 
     def _train_epoch(self, perf: "_PerfTotals") -> None:
         cfg = self.config
@@ -395,7 +406,11 @@ class Trainer:
         progress = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
                              cfg.progress and self.dist.is_main)
         iterator = iter(self.train_loader)
-        step_in_epoch = 0
+        step_in_epoch = self._steps_done_in_epoch  # > 0 only when resuming from interrupted.pt
+        for _ in range(step_in_epoch):  # the batches the interrupted run already trained on
+            next(iterator, None)
+        if progress is not None and step_in_epoch:
+            progress.update(step_in_epoch)
         while cfg.max_steps_per_epoch is None or step_in_epoch < cfg.max_steps_per_epoch:
             timer.start()
             wall_start = time.perf_counter()
@@ -405,6 +420,7 @@ class Trainer:
                 break
             record, wall_ms = self._step_on(batch, wall_start)
             step_in_epoch += 1
+            self._steps_done_in_epoch = step_in_epoch
             perf.add(record["batch_size_global"], wall_ms, timer.phases)
             if progress is not None:
                 progress.update(1)

@@ -574,6 +574,21 @@ def test_ctrl_c_mid_epoch_writes_interrupted_checkpoint(tmp_path):
     assert steps_of(history)["step"].tolist() == list(range(1, STEPS_PER_EPOCH + 2))
 
 
+@pytest.mark.parametrize("at_batch", [0, 1])
+def test_resume_from_interrupted_finishes_the_epoch_like_the_uninterrupted_run(stage2_run, tmp_path, at_batch):
+    """Ctrl-C mid-epoch, then resume from interrupted.pt: the rest of that epoch is trained, not skipped."""
+    cfg = stage2_run.trainer.config
+    loader = FailingLoader(fixture_batches(), KeyboardInterrupt(), at_epoch=1, at_batch=at_batch)
+    interrupted = train(tmp_path, cfg, seeded(), train_loader=loader)
+    state = load_weights_only(tmp_path / "interrupted.pt")
+    assert state["epoch_complete"] is False and state["steps_done_in_epoch"] == at_batch
+    resumed = train(tmp_path, cfg, seeded(seed=99), resume_from=tmp_path / "interrupted.pt")
+    assert interrupted.result.interrupted and not resumed.result.interrupted
+    assert resumed.result.global_step == stage2_run.result.global_step
+    assert comparable(resumed.records()) == comparable(stage2_run.records())
+    assert_same_state(resumed.trainer.core.state_dict(), stage2_run.trainer.core.state_dict())
+
+
 def test_init_from_starts_stage2_from_stage1_best(stage1_run, tmp_path):
     best_path = stage1_run.out_dir / "best.pt"
     best = load_weights_only(best_path)
