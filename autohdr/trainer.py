@@ -120,9 +120,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr * self.spec.lr_scale,
                                            weight_decay=config.weight_decay)
         self.steps_per_epoch = _steps_per_epoch(train_loader, config.max_steps_per_epoch)
-        total = (self.steps_per_epoch or 1) * config.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: cosine_lr_factor(s, total, config.warmup_steps, config.min_lr_ratio))
+        # A loader without len() (and no max_steps_per_epoch): the schedule's length is learnt from
+        # the first epoch, which runs at the peak rate after warm-up.
+        self.schedule_total_steps: int | None = (self.steps_per_epoch * config.epochs
+                                                 if self.steps_per_epoch is not None else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.amp_enabled = config.amp and self.device.type == "cuda"
         # torch 2.13's CPU backward of a strided 1x1 conv on channels_last tensors crashes: CUDA only.
         self.memory_format = (torch.channels_last if config.channels_last and self.device.type == "cuda"
@@ -146,6 +148,13 @@ class Trainer:
                          if config.debug_instrumentation and self.spec.residual_active else None)
 
     # ------------------------------------------------------------------ helpers
+    def _lr_factor(self, step: int) -> float:
+        """LambdaLR multiplier of optimizer step ``step`` (0-based)."""
+        cfg = self.config
+        if self.schedule_total_steps is None:  # length unknown until the first epoch ends
+            return (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
+        return cosine_lr_factor(step, self.schedule_total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
     def info(self, message: str) -> None:
         if self.dist.is_main:
             self._log(message)
@@ -191,6 +200,7 @@ class Trainer:
             "epoch_complete": self._epoch_complete,          # trained, validated and saved
             "steps_done_in_epoch": self._steps_done_in_epoch,
             "global_step": self.global_step,
+            "schedule_total_steps": self.schedule_total_steps,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "stage": self.config.stage,
@@ -353,6 +363,12 @@ class Trainer:
                     self.best_score, self.best_epoch = score, epoch
                 record.update({"best_val_proxy_total": self.best_score, "is_best": improved})
                 self.metrics.write(record)
+                if self.schedule_total_steps is None:
+                    self.schedule_total_steps = self._steps_done_in_epoch * cfg.epochs
+                    for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                        group["lr"] = base_lr * self._lr_factor(self.scheduler.last_epoch)
+                    self.info(f"the train loader has no len(): cosine schedule set to {self.schedule_total_steps} "
+                              f"steps from the first epoch's {self._steps_done_in_epoch}")
                 self._epoch_complete, self._steps_done_in_epoch = True, 0
                 self.save("last.pt")
                 if improved:
@@ -383,6 +399,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = int(state["global_step"])
+        if state.get("schedule_total_steps") is not None:
+            self.schedule_total_steps = int(state["schedule_total_steps"])
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state.get("best_epoch", -1))
         torch.set_rng_state(state["rng"])

@@ -308,6 +308,29 @@ def test_logged_lr_is_the_rate_each_step_used(stage2_run):
     assert steps["lr"].tolist() == expected
 
 
+class IterableOnly:
+    """The fixture batches behind ``__iter__`` alone: a streaming loader with no ``len()``."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_loader_without_len_learns_the_schedule_from_the_first_epoch(stage2_run, tmp_path):
+    """No len(): the first epoch runs at the peak rate after warm-up, then the cosine schedule the
+    len()-able run used from there on (its length measured, not assumed to be 1 step per epoch)."""
+    cfg = stage2_run.trainer.config
+    streamed = train(tmp_path, cfg, seeded(), train_loader=IterableOnly(fixture_batches()))
+    ours, theirs = steps_of(streamed.history), steps_of(stage2_run.history)
+    assert streamed.trainer.schedule_total_steps == STEPS_PER_EPOCH * cfg.epochs
+    first = ours["step"] <= STEPS_PER_EPOCH
+    warm = ours["step"] <= cfg.warmup_steps
+    assert ours["lr"][first & ~warm].eq(cfg.lr).all() and ours["lr"][warm].tolist() == theirs["lr"][warm].tolist()
+    assert ours["lr"][~first].tolist() == theirs["lr"][~first].tolist()
+
+
 # ------------------------------------------------------------------ loss components
 
 @pytest.mark.parametrize("run_name", ["stage1_run", "stage2_run"])
