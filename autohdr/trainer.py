@@ -524,7 +524,9 @@ class Trainer:
                 tensors[f"param_delta_{name}"] = value
             with torch.no_grad():
                 warp = correction.warp
-                tensors.update(grid_statistics(warp.param_grid.detach().float(), warp.final_grid.detach().float()))
+                param_grid = warp.param_grid.detach().float()
+                final_grid = param_grid if warp.final_grid is warp.param_grid else warp.final_grid.detach().float()
+                tensors.update(grid_statistics(param_grid, final_grid))
                 tensors["params_at_bound_frac"] = params_at_bound_fraction(correction.params.detach().float(),
                                                                            self.param_bounds)
                 if correction.residual_flow_lowres is not None:
