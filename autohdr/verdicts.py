@@ -128,7 +128,12 @@ def probe_checksums_change(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
 
 
 def probe_tracks_updates(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
-    """Bad: probe checksums unchanged between epochs while the parameters did move."""
+    """Bad: probe checksums unchanged between epochs while the parameters did move.
+
+    A step counts as moving the model when a parameter changed *and* a gradient was non-zero:
+    weight decay alone also moves the weights of a model whose outputs ignore them (a stuck model,
+    judged by ``loss_decreases`` and ``param_head_learning``), which is not a stale evaluation.
+    """
     val = _rows(history, "val_epoch")
     steps = _rows(history, "train_step")
     if _column(val, "probe_pred_checksum") is None or len(val) < 2:
@@ -137,6 +142,9 @@ def probe_tracks_updates(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     if not delta_cols:
         return Verdict("probe_tracks_updates", None, "no parameter deltas recorded")
     moved = steps[delta_cols].fillna(0).sum(axis=1)
+    grad_cols = [c for c in steps.columns if c.startswith("grad_norm_") and c != "grad_norm_total"]
+    if grad_cols:
+        moved = moved.where(steps[grad_cols].fillna(0).sum(axis=1) > 0, 0.0)
     stale = []
     val = val.sort_values("step")
     for (_, prev), (_, cur) in zip(val.iloc[:-1].iterrows(), val.iloc[1:].iterrows()):

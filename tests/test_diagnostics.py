@@ -146,7 +146,7 @@ FAULTS = [
            ("finite", "init_is_identity", "not_data_bound", "probe_tracks_updates", "param_head_learning"),
            overrides=(("train.lr", 0.0),), epochs=4),
     _fault("stuck-non-identity", "overfit_stage1", ("beats_identity", "init_is_identity", "loss_decreases"),
-           ("finite", "not_data_bound", "clipping_sane", "param_head_not_saturated"),
+           ("finite", "not_data_bound", "clipping_sane", "param_head_not_saturated", "probe_tracks_updates"),
            model="StuckNonIdentity", epochs=3),
     _fault("param-head-random-init", "overfit_stage1", ("init_is_identity",),
            ("finite", "not_data_bound", "loss_decreases", "param_head_learning", "scores_move"),

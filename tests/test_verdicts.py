@@ -355,6 +355,17 @@ class TestFaults:
             "val_epoch", lambda v: v["epoch"] == 2, probe_pred_checksum="pred000000000001"))
         assert judged("probe_tracks_updates", hist).ok is True
 
+    def test_weight_decay_alone_is_not_a_stale_probe(self):
+        # A model whose outputs ignore its weights: zero gradients, yet AdamW's decay moves them.
+        # Its unchanged probe is right (loss_decreases and param_head_learning judge it), not stale.
+        zero_grads = {f"grad_norm_{g}": 0.0 for g in GROUPS}
+        stuck = history("stage1_param_only", stale_probe, lambda r: _edit(r, "train_step", **zero_grads))
+        assert judged("probe_tracks_updates", stuck).ok is True
+        # the same history with one group still getting gradients: a stale evaluation again
+        alive = history("stage1_param_only", stale_probe,
+                        lambda r: _edit(r, "train_step", **{**zero_grads, "grad_norm_param_head": 0.3}))
+        assert judged("probe_tracks_updates", alive).ok is False
+
     def test_non_finite_loss_in_a_step(self):
         hist = history("stage2_hybrid", lambda r: _edit(r, "train_step", lambda s: s["step"] == 3, loss=float("nan")))
         verdict = judged("finite", hist)
