@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from autohdr import data as data_mod
 from autohdr.config import to_dict
-from autohdr.distributed import SINGLE, DistContext, init_distributed
+from autohdr.distributed import SINGLE, DistContext, barrier, init_distributed, shutdown
 from autohdr.metrics_log import read_metrics
 from autohdr.model import LensCorrectionModel
 from autohdr.presets import DataPreset, DebugPreset, load_preset
@@ -160,75 +160,81 @@ def run_debug_mode(
     data_preset = data_preset_from_env(preset.data)
     torch_device = resolve_device(device)
     dist_ctx = init_distributed(torch_device)
-    if dist_ctx.enabled and torch_device.type == "cuda":
-        torch_device = torch.device("cuda", dist_ctx.local_rank)
-    out = Path(out_dir) if out_dir else default_out_dir(mode)
-
-    root = Path(data_root) if data_root else Path(os.environ.get("AUTOHDR_DATA_ROOT") or default_fixture_root())
-    ground_truth = None
-    uses_data_root = train_loader is None or val_loader is None
-    if uses_data_root:
-        split_dir = Path(os.environ.get("AUTOHDR_SPLIT_DIR") or out)
-        data_mod.ensure_outside_data_root(out, root, "--out")
-        data_mod.ensure_outside_data_root(split_dir, root, "AUTOHDR_SPLIT_DIR")
-        train_rows, val_rows = select_rows(root, data_preset)
-        if dist_ctx.is_main:
-            data_mod.write_split_csv(train_rows, split_dir / "train_split.csv")
-            data_mod.write_split_csv(val_rows, split_dir / "val_split.csv")
-        built_train, built_val = build_loaders(train_rows, val_rows, data_preset, seed, dist_ctx)
-        train_loader = built_train if train_loader is None else train_loader
-        val_loader = built_val if val_loader is None else val_loader
-        ground_truth = load_ground_truth(root)
-
-    torch.manual_seed(seed)  # before the model is built: its initial weights depend on the seed
-    if model is None:
-        model = load_model_factory(model_factory)() if model_factory else LensCorrectionModel(preset.model)
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"--model-factory {model_factory} returned {type(model).__name__}, "
-                             f"expected a torch.nn.Module")
-    model = model.to(torch_device)
-    if dist_ctx.enabled:
-        # torch 2.13 deprecates the broadcast_buffers argument but keeps it as the only way to keep
-        # buffers rank-local; pass it only to switch the default broadcast off.
-        buffer_kwargs = {} if train_cfg.ddp_broadcast_buffers else {"broadcast_buffers": False}
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_ctx.local_rank] if torch_device.type == "cuda" else None,
-            # stage 1 leaves the residual head out of the loss: DDP must not wait for its gradients
-            find_unused_parameters=not train_cfg.spec.residual_active, **buffer_kwargs)
-
-    trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
-                      ground_truth=ground_truth, dist_ctx=dist_ctx, log=log)
-    error = None
     try:
-        result = trainer.fit(init_from=init_from, resume_from=resume_from)
-        interrupted = result.interrupted
-    except NonFiniteLossError as exc:
-        error, interrupted = str(exc), False
-    report: dict[str, Any] = {}
-    if dist_ctx.is_main:
-        history = read_metrics(out)
-        verdicts = judge(history, preset.judge)
-        report = {
-            "mode": preset.mode,
-            "runbook_name": preset.runbook_name,
-            "stage": train_cfg.stage,
-            "all_good": all_good(verdicts) and error is None and not interrupted,
-            "error": error,
-            "interrupted": interrupted,
-            "verdicts": [v.to_dict() for v in verdicts],
-            "figures": _figures(history, time.perf_counter() - started),
-            "out_dir": str(out),
-            "data_root": str(root) if uses_data_root else None,
-            "device": str(torch_device),
-            "world_size": dist_ctx.world_size,
-            "config": {"data": to_dict(data_preset), "train": to_dict(train_cfg), "judge": to_dict(preset.judge)},
-        }
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-        if plots:
-            from autohdr.plots import plot_curves, plot_triplets
-            plot_curves(history, out / "curves.png")
-            plot_triplets(trainer, out / "triplets.png")
-    return report
+        if dist_ctx.enabled and torch_device.type == "cuda":
+            torch_device = torch.device("cuda", dist_ctx.local_rank)
+        out = Path(out_dir) if out_dir else default_out_dir(mode)
+
+        root = Path(data_root) if data_root else Path(os.environ.get("AUTOHDR_DATA_ROOT") or default_fixture_root())
+        ground_truth = None
+        uses_data_root = train_loader is None or val_loader is None
+        if uses_data_root:
+            split_dir = Path(os.environ.get("AUTOHDR_SPLIT_DIR") or out)
+            data_mod.ensure_outside_data_root(out, root, "--out")
+            data_mod.ensure_outside_data_root(split_dir, root, "AUTOHDR_SPLIT_DIR")
+            train_rows, val_rows = select_rows(root, data_preset)
+            if dist_ctx.is_main:
+                data_mod.write_split_csv(train_rows, split_dir / "train_split.csv")
+                data_mod.write_split_csv(val_rows, split_dir / "val_split.csv")
+            built_train, built_val = build_loaders(train_rows, val_rows, data_preset, seed, dist_ctx)
+            train_loader = built_train if train_loader is None else train_loader
+            val_loader = built_val if val_loader is None else val_loader
+            ground_truth = load_ground_truth(root)
+
+        torch.manual_seed(seed)  # before the model is built: its initial weights depend on the seed
+        if model is None:
+            model = load_model_factory(model_factory)() if model_factory else LensCorrectionModel(preset.model)
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"--model-factory {model_factory} returned {type(model).__name__}, "
+                                 f"expected a torch.nn.Module")
+        model = model.to(torch_device)
+        if dist_ctx.enabled:
+            # torch 2.13 deprecates the broadcast_buffers argument but keeps it as the only way to keep
+            # buffers rank-local; pass it only to switch the default broadcast off.
+            buffer_kwargs = {} if train_cfg.ddp_broadcast_buffers else {"broadcast_buffers": False}
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist_ctx.local_rank] if torch_device.type == "cuda" else None,
+                # stage 1 leaves the residual head out of the loss: DDP must not wait for its gradients
+                find_unused_parameters=not train_cfg.spec.residual_active, **buffer_kwargs)
+
+        trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
+                          ground_truth=ground_truth, dist_ctx=dist_ctx, log=log)
+        error = None
+        try:
+            result = trainer.fit(init_from=init_from, resume_from=resume_from)
+            interrupted = result.interrupted
+        except NonFiniteLossError as exc:
+            error, interrupted = str(exc), False
+        report: dict[str, Any] = {}
+        if dist_ctx.is_main:
+            history = read_metrics(out)
+            verdicts = judge(history, preset.judge)
+            report = {
+                "mode": preset.mode,
+                "runbook_name": preset.runbook_name,
+                "stage": train_cfg.stage,
+                "all_good": all_good(verdicts) and error is None and not interrupted,
+                "error": error,
+                "interrupted": interrupted,
+                "verdicts": [v.to_dict() for v in verdicts],
+                "figures": _figures(history, time.perf_counter() - started),
+                "out_dir": str(out),
+                "data_root": str(root) if uses_data_root else None,
+                "device": str(torch_device),
+                "world_size": dist_ctx.world_size,
+                "config": {"data": to_dict(data_preset), "train": to_dict(train_cfg), "judge": to_dict(preset.judge)},
+            }
+            (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+            if plots:
+                from autohdr.plots import plot_curves, plot_triplets
+                plot_curves(history, out / "curves.png")
+                plot_triplets(trainer, out / "triplets.png")
+        barrier(dist_ctx)  # every rank leaves together, after rank 0 has written the report
+        return report
+    finally:
+        # Leave the process group cleanly: a gloo group left to interpreter exit can abort a rank
+        # ("terminate called without an active exception") after a good run.
+        shutdown(dist_ctx)
 
 
 def _figures(history: pd.DataFrame, wall_time_s: float) -> dict[str, Any]:
