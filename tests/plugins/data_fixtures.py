@@ -24,6 +24,24 @@ from autohdr import data as data_mod
 from autohdr.settings import default_fixture_root
 
 
+#: The user's ``AUTOHDR_DATA_ROOT`` at start-up (the variables themselves are cleared, see below).
+_USER_DATA_ROOT = pytest.StashKey[str]()
+_CARRIED_DATA_ROOT = "PYTEST_AUTOHDR_USER_DATA_ROOT"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Clear every ``AUTOHDR_*`` variable for the session: the suite's debug runs and CLI tests are
+    calibrated on the embedded fixtures, and a variable exported for real work (a data root, a
+    batch size) must not change what they prove. ``AUTOHDR_DATA_ROOT`` keeps its documented
+    meaning for the data fixtures below, like ``--data-root``. Tests of the variables set their
+    own with ``monkeypatch``."""
+    # pytest-xdist workers start after the controller cleared the variables: it hands the value on.
+    user_root = os.environ.get("AUTOHDR_DATA_ROOT", "").strip() or os.environ.get(_CARRIED_DATA_ROOT, "")
+    os.environ[_CARRIED_DATA_ROOT] = config.stash[_USER_DATA_ROOT] = user_root
+    for name in [n for n in os.environ if n.startswith("AUTOHDR_")]:
+        del os.environ[name]
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--data-root", action="store", default=None,
                      help="folder of <id>_original / <id>_generated pairs for the data tests "
@@ -53,7 +71,7 @@ class OverfitSplit:
 
 @pytest.fixture(scope="session")
 def data_root(pytestconfig: pytest.Config) -> Path:
-    chosen = pytestconfig.getoption("--data-root") or os.environ.get("AUTOHDR_DATA_ROOT", "").strip()
+    chosen = pytestconfig.getoption("--data-root") or pytestconfig.stash.get(_USER_DATA_ROOT, "")
     root = Path(chosen).expanduser() if chosen else default_fixture_root()
     if not root.is_dir():
         pytest.fail(f"--data-root / AUTOHDR_DATA_ROOT {root} is not a folder", pytrace=False)
