@@ -16,7 +16,6 @@ Only rank 0 writes files under torchrun.
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ from autohdr.config import TrainConfig, to_dict
 from autohdr.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers, gather_objects
 from autohdr.evaluation import Correction, correct, identity_prediction, score_subset
 from autohdr.geometry import grid_statistics
+from autohdr.interrupts import StopRequest
 from autohdr.instrumentation import (
     GROUP_NAMES, ParamDeltaTracker, ResidualInactivityMonitor, StepTimer, cuda_memory_mb, grad_norms,
     params_at_bound_fraction, parameter_groups, unwrap_model,
@@ -138,6 +138,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self._probe: dict | None = None
         self._tools: _StepTools | None = None
+        self._stop = StopRequest(self.info, self.dist, self.device)  # installed by fit() only
         # Where an interrupted epoch stands (saved in checkpoints): interrupted.pt resumes there.
         self._steps_done_in_epoch = 0
         self._epoch_complete = True
@@ -350,48 +351,57 @@ class Trainer:
         self._tools = None  # the delta tracker must start from the weights loaded above
         perf = _PerfTotals(cfg.debug_perf_warmup_steps)
         interrupted = False
-        previous_handler = _install_sigterm_as_interrupt()
-        try:
-            for epoch in range(start_epoch, cfg.epochs):
-                self.epoch = epoch
-                self._epoch_complete = False
-                self._train_epoch(perf)
-                record = self.validate()
-                score = record["val_proxy_total"]
-                improved = score > self.best_score
-                if improved:
-                    self.best_score, self.best_epoch = score, epoch
-                record.update({"best_val_proxy_total": self.best_score, "is_best": improved})
-                self.metrics.write(record)
-                if self.schedule_total_steps is None:
-                    self.schedule_total_steps = self._steps_done_in_epoch * cfg.epochs
-                    for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-                        group["lr"] = base_lr * self._lr_factor(self.scheduler.last_epoch)
-                    self.info(f"the train loader has no len(): cosine schedule set to {self.schedule_total_steps} "
-                              f"steps from the first epoch's {self._steps_done_in_epoch}")
-                self._epoch_complete, self._steps_done_in_epoch = True, 0
-                self.save("last.pt")
-                if improved:
-                    self.save("best.pt")
-                self.info(f"epoch {epoch + 1}/{cfg.epochs}: val proxy {score:.5f} "
-                          f"(identity {record.get('identity_proxy_total', float('nan')):.5f}) "
-                          f"val loss {record['val_loss']:.5f}" + ("  [best]" if improved else ""))
-                self.metrics.write({"kind": "epoch_end", "epoch": epoch, "step": self.global_step, **perf.summary()})
-        except KeyboardInterrupt:
-            interrupted = True
-            path = self.save("interrupted.pt")
-            self.metrics.write({"kind": "interrupted", "epoch": self.epoch, "step": self.global_step})
-            self.info(f"interrupted: state saved to {path}")
-        finally:
-            _restore_sigterm(previous_handler)
-            summary = perf.summary()
-            self.metrics.write({"kind": "run_end", "epoch": self.epoch, "step": self.global_step,
-                                "best_val_proxy_total": self.best_score, "best_epoch": self.best_epoch,
-                                "interrupted": interrupted, **summary})
-            self.metrics.close()
+        with StopRequest(self.info, self.dist, self.device) as self._stop:
+            try:
+                for epoch in range(start_epoch, cfg.epochs):
+                    self._run_epoch(epoch, perf)
+                    self._stop.check()
+            except KeyboardInterrupt:
+                interrupted = True
+                path = self.save("interrupted.pt")
+                self.metrics.write({"kind": "interrupted", "epoch": self.epoch, "step": self.global_step})
+                self.info(f"interrupted: state saved to {path}")
+            finally:
+                summary = perf.summary()
+                self.metrics.write({"kind": "run_end", "epoch": self.epoch, "step": self.global_step,
+                                    "best_val_proxy_total": self.best_score, "best_epoch": self.best_epoch,
+                                    "interrupted": interrupted, **summary})
+                self.metrics.close()
         return TrainResult(self.out_dir, self.out_dir / "metrics.jsonl", self.best_score, self.best_epoch,
                            self.epoch + (0 if interrupted else 1), self.global_step,
                            summary.get("samples_per_sec"), interrupted)
+
+    def _run_epoch(self, epoch: int, perf: "_PerfTotals") -> None:
+        """Train one epoch (from where an interrupted one stopped), validate, checkpoint, log."""
+        cfg = self.config
+        self.epoch = epoch
+        self._epoch_complete = False
+        self._train_epoch(perf)
+        record = self.validate()
+        score = record["val_proxy_total"]
+        improved = score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = score, epoch
+        record.update({"best_val_proxy_total": self.best_score, "is_best": improved})
+        self.metrics.write(record)
+        if self.schedule_total_steps is None:
+            self._learn_schedule_length(self._steps_done_in_epoch)
+        self._epoch_complete, self._steps_done_in_epoch = True, 0
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        self.info(f"epoch {epoch + 1}/{cfg.epochs}: val proxy {score:.5f} "
+                  f"(identity {record.get('identity_proxy_total', float('nan')):.5f}) "
+                  f"val loss {record['val_loss']:.5f}" + ("  [best]" if improved else ""))
+        self.metrics.write({"kind": "epoch_end", "epoch": epoch, "step": self.global_step, **perf.summary()})
+
+    def _learn_schedule_length(self, steps_in_first_epoch: int) -> None:
+        """A loader without len(): size the cosine schedule from the first epoch and apply it now."""
+        self.schedule_total_steps = steps_in_first_epoch * self.config.epochs
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * self._lr_factor(self.scheduler.last_epoch)
+        self.info(f"the train loader has no len(): cosine schedule set to {self.schedule_total_steps} "
+                  f"steps from the first epoch's {steps_in_first_epoch}")
 
     def _resume(self, path: str | Path) -> int:
         state = ckpt.load_checkpoint(path, self.device)
@@ -445,6 +455,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if self.global_step % cfg.log_interval == 0:
                 self.info(self._log_line(record))
+            self._stop.check()
         if progress is not None:
             progress.close()
 
@@ -673,18 +684,3 @@ def _progress(total: int | None, desc: str, enabled: bool):
         return None
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
-
-
-def _install_sigterm_as_interrupt():
-    """Treat SIGTERM like Ctrl-C (save ``interrupted.pt``), where signals can be installed."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        return None
-
-
-def _restore_sigterm(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -55,13 +56,7 @@ def _samples() -> tuple[dict, ...]:
 def fixture_batches() -> list[dict]:
     """The fixture pairs as a plain list of batch dicts (``input_image`` ``(B, 3, H, W)``, ...)."""
     samples = _samples()
-    batches = []
-    for start in range(0, len(samples), BATCH):
-        chunk = samples[start:start + BATCH]
-        batches.append({"input_image": torch.stack([s["input_image"] for s in chunk]),
-                        "target_image": torch.stack([s["target_image"] for s in chunk]),
-                        "image_id": [s["image_id"] for s in chunk]})
-    return batches
+    return [_collate(list(samples[start:start + BATCH])) for start in range(0, len(samples), BATCH)]
 
 
 def seeded(cls: type[nn.Module] = LensCorrectionModel, seed: int = 0, **kwargs) -> nn.Module:
@@ -150,6 +145,36 @@ class FailingLoader:
             if current == self.at_epoch and index == self.at_batch:
                 raise self.error
             yield batch
+
+
+class SignalingLoader:
+    """A real multi-process ``DataLoader`` over the fixture pairs (the same batches as
+    :func:`fixture_batches`) that sends ``signum`` to this process while it fetches batch
+    ``at_batch`` of its ``at_epoch``-th pass: the signal lands inside the DataLoader's own code,
+    as a Ctrl-C or a scheduler's SIGTERM does."""
+
+    def __init__(self, signum: int, at_epoch: int, at_batch: int, num_workers: int = 2) -> None:
+        self.loader = torch.utils.data.DataLoader(list(_samples()), batch_size=BATCH, shuffle=False,
+                                                  num_workers=num_workers, collate_fn=_collate)
+        self.signum, self.at_epoch, self.at_batch = signum, at_epoch, at_batch
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        current, self.passes = self.passes, self.passes + 1
+        iterator = iter(self.loader)
+        for index in range(len(self.loader)):
+            if current == self.at_epoch and index == self.at_batch:
+                os.kill(os.getpid(), self.signum)
+            yield next(iterator)
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {"input_image": torch.stack([s["input_image"] for s in samples]),
+            "target_image": torch.stack([s["target_image"] for s in samples]),
+            "image_id": [s["image_id"] for s in samples]}
 
 
 class GlobalParamsOnly(nn.Module):

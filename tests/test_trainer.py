@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from autohdr.trainer import NonFiniteLossError, cosine_lr_factor
 from tests import faults
 from tests.helpers_trainer import (
     BATCH, CLOCK_FIELDS, PERF_FIELDS, STEPS_PER_EPOCH, TEST_WEIGHTS, FailingLoader, GlobalParamsOnly, NaNAfter,
-    Run, config, expected_warning_steps, fixture_batches, make_trainer, read_history, read_records, seeded, train,
+    Run, SignalingLoader, config, expected_warning_steps, fixture_batches, make_trainer, read_history, read_records,
+    seeded, train,
 )
 from tests.tolerances import assert_close
 
@@ -608,6 +610,24 @@ def test_resume_from_interrupted_finishes_the_epoch_like_the_uninterrupted_run(s
     resumed = train(tmp_path, cfg, seeded(seed=99), resume_from=tmp_path / "interrupted.pt")
     assert interrupted.result.interrupted and not resumed.result.interrupted
     assert resumed.result.global_step == stage2_run.result.global_step
+    assert comparable(resumed.records()) == comparable(stage2_run.records())
+    assert_same_state(resumed.trainer.core.state_dict(), stage2_run.trainer.core.state_dict())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_amid_multiprocess_loading_stops_after_the_step_and_resumes_exactly(stage2_run, tmp_path, signum):
+    """The signal arrives inside the DataLoader's code; it must neither be lost nor tear a file:
+    the step in hand finishes, interrupted.pt is written, and resuming matches the full run."""
+    cfg = stage2_run.trainer.config
+    loader = SignalingLoader(signum, at_epoch=1, at_batch=0)
+    handler_before = signal.getsignal(signum)
+    interrupted = train(tmp_path, cfg, seeded(), train_loader=loader)
+    assert signal.getsignal(signum) == handler_before  # fit() put the previous handler back
+    assert interrupted.result.interrupted is True
+    assert interrupted.result.global_step == STEPS_PER_EPOCH + 1  # batch 0 of epoch 1 was still trained
+    state = load_weights_only(tmp_path / "interrupted.pt")
+    assert state["epoch_complete"] is False and state["steps_done_in_epoch"] == 1
+    resumed = train(tmp_path, cfg, seeded(seed=99), resume_from=tmp_path / "interrupted.pt")
     assert comparable(resumed.records()) == comparable(stage2_run.records())
     assert_same_state(resumed.trainer.core.state_dict(), stage2_run.trainer.core.state_dict())
 

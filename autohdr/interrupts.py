@@ -1,0 +1,65 @@
+"""Ctrl-C and SIGTERM as a request to stop at the next safe point.
+
+Raising ``KeyboardInterrupt`` from a signal handler lands wherever the main thread happens to be:
+inside a DataLoader's worker bookkeeping (where Python reports "Exception ignored in ..." and the
+interrupt is lost) or inside ``torch.save`` (a half-written file and a traceback). Instead the
+handler only records the request; the trainer calls :meth:`StopRequest.check` between steps and
+after each epoch, and that raises ``KeyboardInterrupt`` at a point where saving ``interrupted.pt``
+is safe. A second Ctrl-C stops at once, for a step that hangs.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+import torch
+
+from autohdr.distributed import SINGLE, DistContext, all_reduce_sum
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    """Context manager: installs the handlers (main thread only) and restores the previous ones."""
+
+    def __init__(self, log: Callable[[str], None], dist_ctx: DistContext = SINGLE,
+                 device: torch.device | str = "cpu") -> None:
+        self.signal_name: str | None = None
+        self._log = log
+        self._dist = dist_ctx
+        self._device = torch.device(device)  # NCCL reduces CUDA tensors only
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.signal_name = signal.Signals(signum).name
+        self._log(f"{self.signal_name}: finishing this step, then saving interrupted.pt "
+                  f"(Ctrl-C again to stop at once)")
+
+    @property
+    def requested(self) -> bool:
+        """Whether any rank was asked to stop (one all-reduce per call under DDP, so ranks stop together)."""
+        local = self.signal_name is not None
+        if not self._dist.enabled:
+            return local
+        return bool(all_reduce_sum(torch.tensor([float(local)], device=self._device), self._dist).item() > 0)
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` here, at a safe point, when a stop was requested."""
+        if self.requested:
+            raise KeyboardInterrupt
