@@ -48,3 +48,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"checkpoint {path} is not an autohdr checkpoint (no 'model' entry)")
     return payload
+
+
+def load_model_weights(model: torch.nn.Module, payload: dict[str, Any], source: str | Path) -> None:
+    """``model.load_state_dict(payload["model"])``, with a mismatch reported as a ``ValueError``
+    naming ``source`` and the first offending entries instead of a long ``RuntimeError``."""
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+        raise ValueError(f"checkpoint {source} does not fit this model (another architecture or "
+                         f"--set model.*?): {detail}") from None

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,20 +121,57 @@ def _coerce(text: str, current: Any, key: str) -> Any:
     return text
 
 
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return "a table" if dataclasses.is_dataclass(hint) else hint.__name__
+    return str(hint).replace("NoneType", "None")
+
+
+def typed_value(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as field type ``hint`` asks (ints serve floats, lists serve tuples, a mapping
+    serves a nested config), else ``ValueError`` naming ``key``, the expected type and the value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return typed_value(value, arg, key)
+            except ValueError:
+                continue
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(typed_value(v, args[0], key) for v in value)
+        if len(value) == len(args):
+            return tuple(typed_value(v, a, key) for v, a in zip(value, args))
+    elif hint is bool and isinstance(value, bool):
+        return value
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif hint is str and isinstance(value, str):
+        return value
+    elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return from_mapping(hint, value, key)
+    elif hint is Any:
+        return value
+    raise ValueError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+
+
 def from_mapping(cls: type, values: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a (nested) mapping, refusing unknown keys."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    """Build dataclass ``cls`` from a (nested) mapping, refusing unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a table of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"unknown key {key!r} in {where}; expected one of {sorted(known)}")
-        default = cls()
-        current = getattr(default, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = from_mapping(type(current), value, f"{where}.{key}")
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        kwargs[key] = value
+        if key not in hints:
+            raise ValueError(f"unknown key {key!r} in {where}; expected one of {sorted(hints)}")
+        kwargs[key] = typed_value(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
 
@@ -168,4 +207,5 @@ def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> An
         return dataclasses.replace(config, **{head: _replace_path(current, path[1:], value, full_key)})
     if isinstance(value, str):
         value = _coerce(value, current, full_key)
+    value = typed_value(value, typing.get_type_hints(type(config))[head], full_key)
     return dataclasses.replace(config, **{head: value})

@@ -27,8 +27,8 @@ from autohdr import data as data_mod
 from autohdr.config import to_dict
 from autohdr.distributed import SINGLE, DistContext, barrier, init_distributed, shutdown
 from autohdr.metrics_log import read_metrics
-from autohdr.model import LensCorrectionModel
-from autohdr.presets import DataPreset, DebugPreset, load_preset
+from autohdr.model import LensCorrectionModel, ModelConfig
+from autohdr.presets import DataPreset, DebugPreset, load_preset, override_preset
 from autohdr.settings import DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
 from autohdr.trainer import NonFiniteLossError, Trainer
 from autohdr.verdicts import all_good, judge
@@ -70,16 +70,50 @@ def load_model_factory(spec: str) -> Callable[[], nn.Module]:
     return factory
 
 
+def build_model(factory_spec: str | None, config: ModelConfig) -> nn.Module:
+    """``LensCorrectionModel(config)``, or the user's factory; its failures become a ``ValueError``."""
+    if not factory_spec:
+        return LensCorrectionModel(config)
+    factory = load_model_factory(factory_spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ValueError(f"--model-factory {factory_spec} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model-factory {factory_spec} returned {type(model).__name__}, "
+                         f"expected a torch.nn.Module")
+    return model
+
+
 def data_preset_from_env(preset: DataPreset, environ=os.environ) -> DataPreset:
-    """Apply the ``AUTOHDR_*`` variables that are set (they win over the preset file)."""
+    """Apply the ``AUTOHDR_*`` variables that are set to a preset's ``[data]`` table.
+
+    They win over the preset file; ``--set data.*`` wins over them (see :func:`run_debug_mode`).
+    ``AUTOHDR_MAX_PAIRS`` caps ``num_pairs``. ``AUTOHDR_RESIZE_HW=none`` (full size) is refused:
+    a batch needs one image size.
+    """
     settings = DataSettings.from_env(environ)
     changes = {}
     for var, name in ENV_TO_DATA_FIELD.items():
-        if environ.get(var, "").strip():
-            value = getattr(settings, "max_pairs" if name == "num_pairs" else name)
-            if value is not None:
-                changes[name] = tuple(value) if name == "resize_hw" else value
+        if not environ.get(var, "").strip():
+            continue
+        if name == "num_pairs":
+            changes[name] = min(preset.num_pairs, settings.max_pairs)
+        elif name == "resize_hw":
+            if settings.resize_hw is None:
+                raise ValueError(f"{var}=none (full-size images) is not supported by the debug modes: a batch "
+                                 f"needs one image size; give 'H,W', e.g. '256,256'")
+            changes[name] = tuple(settings.resize_hw)
+        else:
+            changes[name] = getattr(settings, name)
     return dataclasses.replace(preset, **changes) if changes else preset
+
+
+def resolve_preset(mode: str, overrides: list[str] | dict[str, Any] | None = None,
+                   environ=os.environ) -> DebugPreset:
+    """The configuration a run uses. Precedence: the preset file < ``AUTOHDR_*`` < ``overrides`` (``--set``)."""
+    base = load_preset(mode)
+    return override_preset(dataclasses.replace(base, data=data_preset_from_env(base.data, environ)), overrides)
 
 
 def select_rows(data_root: Path, preset: DataPreset) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -155,9 +189,9 @@ def run_debug_mode(
     ensure_kmp_duplicate_lib_ok()
     started = time.perf_counter()
     extra = dict(overrides) if isinstance(overrides, dict) else list(overrides or [])
-    preset: DebugPreset = load_preset(mode, extra)
+    preset = resolve_preset(mode, extra)
     train_cfg = dataclasses.replace(preset.train, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
-    data_preset = data_preset_from_env(preset.data)
+    data_preset = preset.data
     torch_device = resolve_device(device)
     dist_ctx = init_distributed(torch_device)
     try:
@@ -183,10 +217,7 @@ def run_debug_mode(
 
         torch.manual_seed(seed)  # before the model is built: its initial weights depend on the seed
         if model is None:
-            model = load_model_factory(model_factory)() if model_factory else LensCorrectionModel(preset.model)
-            if not isinstance(model, nn.Module):
-                raise ValueError(f"--model-factory {model_factory} returned {type(model).__name__}, "
-                                 f"expected a torch.nn.Module")
+            model = build_model(model_factory, preset.model)
         model = model.to(torch_device)
         if dist_ctx.enabled:
             # torch 2.13 deprecates the broadcast_buffers argument but keeps it as the only way to keep
@@ -222,7 +253,8 @@ def run_debug_mode(
                 "data_root": str(root) if uses_data_root else None,
                 "device": str(torch_device),
                 "world_size": dist_ctx.world_size,
-                "config": {"data": to_dict(data_preset), "train": to_dict(train_cfg), "judge": to_dict(preset.judge)},
+                "config": {"data": to_dict(data_preset), "train": to_dict(train_cfg), "model": to_dict(preset.model),
+                               "judge": to_dict(preset.judge)},
             }
             (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
             if plots:

@@ -89,7 +89,17 @@ def read_metrics(path_or_dir: str | Path) -> pd.DataFrame:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not JSON ({exc.msg}); is this an autohdr metrics.jsonl?") from None
+        if not isinstance(record, dict) or "kind" not in record:
+            raise ValueError(f"{path}:{number}: no autohdr records (each line is an object with a 'kind')")
+        records.append(record)
     if not records:
         raise ValueError(f"metrics file {path} is empty")
     return pd.DataFrame.from_records(records)

@@ -75,7 +75,11 @@ def load_preset(mode_or_path: str | Path, overrides: list[str] | dict | None = N
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"preset {path} is not valid TOML: {exc}") from None
-    preset = from_mapping(DebugPreset, raw, where=str(path))
+    return override_preset(from_mapping(DebugPreset, raw, where=str(path)), overrides)
+
+
+def override_preset(preset: DebugPreset, overrides: list[str] | dict | None) -> DebugPreset:
+    """``preset`` with ``key=value`` overrides applied (bare keys mean ``train.*``)."""
     return apply_overrides(preset, _qualify(overrides))
 
 
@@ -83,7 +87,7 @@ def _qualify(overrides: list[str] | dict | None):
     """Prefix bare keys with ``train.`` (the table most overrides touch)."""
     if not overrides:
         return overrides
-    tables = {f.name for f in dataclasses.fields(DebugPreset)}
+    tables = ("data", "train", "model", "judge")  # mode, runbook_name, description are not overridable
     items = overrides.items() if isinstance(overrides, dict) else (split_override(o) for o in overrides)
     qualified = {}
     for key, value in items:

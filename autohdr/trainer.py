@@ -329,7 +329,7 @@ class Trainer:
         start_epoch = 0
         if init_from is not None:
             state = ckpt.load_checkpoint(init_from, self.device)
-            self.core.load_state_dict(state["model"])
+            ckpt.load_model_weights(self.core, state, init_from)
             self.info(f"initialized model weights from {init_from} (stage {state.get('stage')})")
         if resume_from is not None:
             start_epoch = self._resume(resume_from)
@@ -405,7 +405,7 @@ class Trainer:
 
     def _resume(self, path: str | Path) -> int:
         state = ckpt.load_checkpoint(path, self.device)
-        self.core.load_state_dict(state["model"])
+        ckpt.load_model_weights(self.core, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = int(state["global_step"])

@@ -30,3 +30,8 @@ class _InterruptedWhileTraining(LensCorrectionModel):
 def interrupting_model() -> LensCorrectionModel:
     """:class:`LensCorrectionModel` with :data:`SMALL_CONFIG` whose first training step is interrupted."""
     return _InterruptedWhileTraining(SMALL_CONFIG)
+
+
+def raises() -> LensCorrectionModel:
+    """A factory that fails (a bug in the user's code): a usage error naming it, not a traceback."""
+    raise RuntimeError("factory exploded")

@@ -288,6 +288,26 @@ class TestJudge:
         assert result.code == EXIT_USAGE
         assert "unknown key 'no_such_threshold'" in result.error_line
 
+    def test_report_with_wrongly_typed_threshold(self, healthy_run, tmp_path):
+        (tmp_path / "metrics.jsonl").write_bytes((healthy_run.out_dir / "metrics.jsonl").read_bytes())
+        (tmp_path / "report.json").write_text(json.dumps({"config": {"judge": {"beats_identity_margin": "abc"}}}))
+        result = run_cli("judge", tmp_path)
+        assert result.code == EXIT_USAGE
+        assert "beats_identity_margin" in result.error_line and "expected float" in result.error_line
+
+    def test_metrics_with_a_line_that_is_not_json(self, healthy_run, tmp_path):
+        lines = (healthy_run.out_dir / "metrics.jsonl").read_text().splitlines()
+        (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+        result = run_cli("judge", tmp_path)
+        assert result.code == EXIT_USAGE
+        assert f"{tmp_path / 'metrics.jsonl'}:4" in result.error_line and "not JSON" in result.error_line
+
+    def test_metrics_of_something_else(self, tmp_path):
+        (tmp_path / "metrics.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+        result = run_cli("judge", tmp_path)
+        assert result.code == EXIT_USAGE
+        assert "no autohdr records" in result.error_line and str(tmp_path / "metrics.jsonl") in result.error_line
+
 
 # ------------------------------------------------------------------------------ usage and input errors
 
@@ -314,6 +334,14 @@ USAGE_ERRORS = [
     ("factory-module-missing", ["--model-factory", "no_such_module:f"], ["cannot import module 'no_such_module'"]),
     ("factory-function-missing", ["--model-factory", "tests.cli_factories:no_such_factory"],
      ["'tests.cli_factories'", "no callable 'no_such_factory'"]),
+    ("factory-raises", ["--model-factory", "tests.cli_factories:raises"],
+     ["tests.cli_factories:raises", "RuntimeError", "factory exploded"]),
+    ("set-none-for-a-number", ["--set", "train.lr=none"], ["train.lr", "expected float", "None"]),
+    ("set-text-for-an-optional-int", ["--set", "max_steps_per_epoch=abc"],
+     ["train.max_steps_per_epoch", "expected int | None", "'abc'"]),
+    ("set-none-for-a-resolution", ["--set", "data.resize_hw=none"], ["data.resize_hw", "expected tuple[int, int]"]),
+    ("set-value-for-a-table", ["--set", "judge=3"], ["judge", "expected a table", "'3'"]),
+    ("set-top-level-key", ["--set", "mode=other"], ["unknown config key 'train.mode'"]),
     ("zero-epochs", ["--epochs", "0"], ["--epochs", ">= 1", "0"]),
     ("non-integer-epochs", ["--epochs", "two"], ["--epochs", "'two'"]),
     ("missing-init-from", ["--init-from", "absent.pt"], ["absent.pt", "does not exist"]),

@@ -51,6 +51,36 @@ class TestPresets:
             load_preset(bad)
 
 
+    @pytest.mark.parametrize("toml,fragments", [
+        ('[train]\nlr = "abc"\n', ["train.lr", "expected float", "'abc'"]),
+        ('[data]\nnum_pairs = "x"\n', ["data.num_pairs", "expected int", "'x'"]),
+        ("[data]\nresize_hw = 128\n", ["data.resize_hw", "expected tuple[int, int]", "128"]),
+        ("[data]\nresize_hw = [96, 64, 3]\n", ["data.resize_hw", "[96, 64, 3]"]),
+        ("[model]\nwidths = [16, 32.5]\n", ["model.widths", "expected int"]),
+        ("data = 3\n", ["data", "expected a table", "3"]),
+        ("[train]\namp = 1\n", ["train.amp", "expected bool", "1"]),
+    ], ids=["text-for-float", "text-for-int", "number-for-pair", "triple-for-pair", "float-in-int-list",
+            "value-for-table", "int-for-bool"])
+    def test_wrongly_typed_preset_values_are_refused_by_name(self, tmp_path, toml, fragments):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(toml)
+        with pytest.raises(ValueError) as caught:
+            load_preset(bad)
+        for fragment in fragments:
+            assert fragment in str(caught.value)
+
+    def test_typed_values_are_converted(self, tmp_path):
+        good = tmp_path / "good.toml"
+        good.write_text("[train]\nlr = 1\n[data]\nresize_hw = [96, 64]\n[model]\nwidths = [8, 16, 32, 48]\n")
+        preset = load_preset(good)
+        assert preset.train.lr == 1.0 and isinstance(preset.train.lr, float)
+        assert preset.data.resize_hw == (96, 64) and preset.model.widths == (8, 16, 32, 48)
+
+    def test_top_level_keys_are_not_overridable(self):
+        with pytest.raises(ValueError, match="unknown config key 'train.mode'"):
+            load_preset("stage2_probe", ["mode=relabelled"])
+
+
 class TestSchedule:
     def test_cosine_endpoints_and_warmup(self):
         assert cosine_lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from autohdr import settings as settings_mod
+from autohdr.debug import resolve_preset
+from autohdr.presets import load_preset
 from autohdr.settings import ENV_VARS, DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
 
 
@@ -109,3 +111,29 @@ class TestDefaultFixtureRoot:
         monkeypatch.setattr(settings_mod, "repo_root", lambda: tmp_path)
         with pytest.raises(FileNotFoundError, match="embedded fixture data not found at .*make_fixture_dataset.py"):
             default_fixture_root()
+
+
+class TestRunConfiguration:
+    """What a debug run uses: the preset file, then the AUTOHDR_* variables, then --set."""
+
+    def test_variables_override_the_preset(self):
+        data = resolve_preset("stage2_probe", environ={"AUTOHDR_BATCH_SIZE": "4", "AUTOHDR_RESIZE_HW": "96,64",
+                                                       "AUTOHDR_NUM_WORKERS": "2", "AUTOHDR_SPLIT_SEED": "7"}).data
+        assert (data.batch_size, data.resize_hw, data.num_workers, data.split_seed) == (4, (96, 64), 2, 7)
+
+    def test_set_overrides_the_variables(self):
+        preset = resolve_preset("stage2_probe", ["data.batch_size=2", "data.num_pairs=8"],
+                                environ={"AUTOHDR_BATCH_SIZE": "4", "AUTOHDR_MAX_PAIRS": "6"})
+        assert (preset.data.batch_size, preset.data.num_pairs) == (2, 8)
+
+    @pytest.mark.parametrize("max_pairs,expected", [("8", 8), ("48", 32)])
+    def test_max_pairs_caps_the_pair_count(self, max_pairs, expected):
+        assert load_preset("stage2_probe").data.num_pairs == 32
+        assert resolve_preset("stage2_probe", environ={"AUTOHDR_MAX_PAIRS": max_pairs}).data.num_pairs == expected
+
+    def test_full_size_is_refused_with_the_reason(self):
+        with pytest.raises(ValueError, match=r"AUTOHDR_RESIZE_HW=none .* a batch needs one image size"):
+            resolve_preset("stage2_probe", environ={"AUTOHDR_RESIZE_HW": "none"})
+
+    def test_blank_variables_are_ignored(self):
+        assert resolve_preset("stage2_probe", environ={"AUTOHDR_BATCH_SIZE": "  "}) == load_preset("stage2_probe")

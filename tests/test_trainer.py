@@ -25,6 +25,7 @@ from autohdr import checkpoint as ckpt
 from autohdr.evaluation import PROXY_KEYS
 from autohdr.losses import LOSS_TERMS, RESIDUAL_TERMS
 from autohdr.metrics_log import read_metrics
+from autohdr.model import LensCorrectionModel, ModelConfig
 from autohdr.trainer import NonFiniteLossError, cosine_lr_factor
 from tests import faults
 from tests.helpers_trainer import (
@@ -630,6 +631,16 @@ def test_a_signal_amid_multiprocess_loading_stops_after_the_step_and_resumes_exa
     resumed = train(tmp_path, cfg, seeded(seed=99), resume_from=tmp_path / "interrupted.pt")
     assert comparable(resumed.records()) == comparable(stage2_run.records())
     assert_same_state(resumed.trainer.core.state_dict(), stage2_run.trainer.core.state_dict())
+
+
+@pytest.mark.parametrize("how", ["init_from", "resume_from"])
+def test_a_checkpoint_of_another_architecture_is_a_clear_error(stage1_run, tmp_path, how):
+    other = LensCorrectionModel(ModelConfig(widths=(8, 16, 32), groups=4, head_hidden=32, residual_hidden=8,
+                                            residual_stride=4))
+    best = stage1_run.out_dir / "best.pt"
+    with pytest.raises(ValueError, match=r"checkpoint .*best\.pt does not fit this model") as caught:
+        train(tmp_path, config("stage2_hybrid"), other, **{how: best})
+    assert "size mismatch" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_init_from_starts_stage2_from_stage1_best(stage1_run, tmp_path):
