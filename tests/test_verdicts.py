@@ -366,6 +366,22 @@ class TestFaults:
                         lambda r: _edit(r, "train_step", **{**zero_grads, "grad_norm_param_head": 0.3}))
         assert judged("probe_tracks_updates", alive).ok is False
 
+    @pytest.mark.parametrize("from_checkpoint,expected", [(False, False), (True, True)])
+    def test_a_small_drop_is_enough_from_a_checkpoint(self, from_checkpoint, expected):
+        def one_percent(records):  # the loss falls linearly by 1% over the run
+            steps = [r for r in records if r["kind"] == "train_step"]
+            return _edit(records, "train_step", loss=lambda r: 0.5 * (1 - 0.01 * steps.index(r) / (len(steps) - 1)))
+        hist = history("stage2_hybrid", one_percent, lambda r: _edit(r, "init", from_checkpoint=from_checkpoint))
+        assert judged("loss_decreases", hist).ok is expected
+
+    def test_a_rising_loss_is_bad_even_from_a_checkpoint(self):
+        def rising(records):
+            steps = [r for r in records if r["kind"] == "train_step"]
+            return _edit(records, "train_step", loss=lambda r: 0.5 + 0.01 * steps.index(r))
+        hist = history("stage2_hybrid", rising, lambda r: _edit(r, "init", from_checkpoint=True))
+        verdict = judged("loss_decreases", hist)
+        assert verdict.ok is False and "must not rise from a checkpoint" in verdict.detail
+
     def test_non_finite_loss_in_a_step(self):
         hist = history("stage2_hybrid", lambda r: _edit(r, "train_step", lambda s: s["step"] == 3, loss=float("nan")))
         verdict = judged("finite", hist)
