@@ -45,14 +45,20 @@ def check_grid(grid: torch.Tensor, name: str = "grid") -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {grid.dtype}")
 
 
+def check_channels_first(values: torch.Tensor, name: str, channels: int, shape: str,
+                         kind: str = "a floating-point tensor") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``values`` is a floating ``(B, channels, H, W)`` tensor."""
+    if not isinstance(values, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(values).__name__}")
+    if values.ndim != 4 or values.shape[1] != channels:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(values.shape)}")
+    if not values.is_floating_point():
+        raise ValueError(f"{name} must be {kind}, got dtype {values.dtype}")
+
+
 def check_image(image: torch.Tensor, name: str = "image") -> None:
     """Raise ``ValueError`` unless ``image`` is a floating ``(B, 3, H, W)`` tensor."""
-    if not isinstance(image, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(image).__name__}")
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (B, 3, H, W), got {tuple(image.shape)}")
-    if not image.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor in [0, 1], got dtype {image.dtype}")
+    check_channels_first(image, name, 3, "(B, 3, H, W)", "a floating-point tensor in [0, 1]")
 
 
 def identity_params(batch: int, *, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from autohdr.geometry import check_grid, check_image, jacobian_determinant
+from autohdr.geometry import check_channels_first, check_grid, check_image, jacobian_determinant
 
 IMAGE_TERMS: tuple[str, ...] = ("pixel", "ssim", "edge", "grad_orient", "multiscale")
 RESIDUAL_TERMS: tuple[str, ...] = ("flow_tv", "flow_mag", "flow_curv")
@@ -100,12 +100,7 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
 
 def _check_flow(flow: torch.Tensor, name: str = "residual_flow_lowres") -> None:
     """``flow`` must be a floating ``(B, 2, h, w)`` tensor."""
-    if not isinstance(flow, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (B, 2, h, w), got {type(flow).__name__}")
-    if flow.ndim != 4 or flow.shape[1] != 2:
-        raise ValueError(f"{name} must have shape (B, 2, h, w), got {tuple(flow.shape)}")
-    if not flow.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {flow.dtype}")
+    check_channels_first(flow, name, 2, "(B, 2, h, w)")
 
 
 # ----------------------------------------------------------------------------- helpers
