@@ -319,26 +319,22 @@ def folded_fraction(grid: torch.Tensor) -> torch.Tensor:
     return (jacobian_determinant(grid) < 0).float().mean()
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` and ``b`` view the same memory the same way (e.g. one is the other, detached)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-
-
-def grid_statistics(param_grid: torch.Tensor, final_grid: torch.Tensor) -> dict[str, torch.Tensor]:
+def grid_statistics(param_grid: torch.Tensor, final_grid: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The instrumentation's geometry figures, as 0-d tensors keyed by metric name.
 
     ``param_grid_disp_px_*`` and ``final_grid_disp_px_*`` are displacements from identity,
     ``residual_contrib_px_*`` is ``|final - param|`` in pixels, and
     ``residual_to_param_disp_ratio_mean`` is the mean residual contribution over the mean
-    parametric displacement (0 when both are 0).
+    parametric displacement (0 when both are 0). ``final_grid=None`` means no residual was fused
+    (stage 1): the final grid is the parametric one, and its figures are not computed twice.
     """
     stats: dict[str, torch.Tensor] = {}
     check_grid(param_grid)
     b, h, w, _ = param_grid.shape
     ident = identity_grid(b, h, w, device=param_grid.device, dtype=param_grid.dtype)
     param_disp = displacement_px(param_grid, ident)
-    if _same_tensor(final_grid, param_grid):  # no residual fused (stage 1): nothing more to measure
-        final_disp, residual = param_disp, torch.zeros_like(param_disp)
+    if final_grid is None:
+        final_grid, final_disp, residual = param_grid, param_disp, torch.zeros_like(param_disp)
     else:
         final_disp = displacement_px(final_grid, ident)
         residual = displacement_px(final_grid, param_grid)

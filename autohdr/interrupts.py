@@ -52,14 +52,21 @@ class StopRequest:
                   f"(Ctrl-C again to stop at once)")
 
     @property
-    def requested(self) -> bool:
-        """Whether any rank was asked to stop (one all-reduce per call under DDP, so ranks stop together)."""
-        local = self.signal_name is not None
-        if not self._dist.enabled:
-            return local
-        return bool(all_reduce_sum(torch.tensor([float(local)], device=self._device), self._dist).item() > 0)
+    def requested_here(self) -> bool:
+        """Whether this process received a stop signal."""
+        return self.signal_name is not None
 
-    def check(self) -> None:
-        """Raise ``KeyboardInterrupt`` here, at a safe point, when a stop was requested."""
-        if self.requested:
+    def check(self, any_rank: bool | None = None) -> None:
+        """Raise ``KeyboardInterrupt`` here, at a safe point, when a stop was requested.
+
+        Under DDP all ranks must stop at the same point: pass ``any_rank``, the all-reduced
+        :attr:`requested_here` from a reduction the caller already runs (the train step's), or
+        leave it ``None`` for one all-reduce here (once per epoch is cheap; per step it is not).
+        """
+        if any_rank is None:
+            any_rank = self.requested_here
+            if self._dist.enabled:
+                flag = torch.tensor([float(any_rank)], device=self._device)
+                any_rank = bool(all_reduce_sum(flag, self._dist).item() > 0)
+        if any_rank:
             raise KeyboardInterrupt

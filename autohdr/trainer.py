@@ -43,6 +43,10 @@ from autohdr.model import DEFAULT_PARAM_BOUNDS
 from autohdr.proxy import proxy_score_batch
 
 
+#: Key of the all-reduced stop request inside a DDP train step's reduced values (not logged).
+_STOP_KEY = "_stop_requested_any_rank"
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss or gradient norm stops being finite; the run cannot recover."""
 
@@ -59,7 +63,7 @@ class TrainResult:
     interrupted: bool
 
 
-def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+def cosine_lr_factor(step: int, total_steps: float, warmup_steps: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine from 1 down to ``min_ratio``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -139,6 +143,7 @@ class Trainer:
         self._probe: dict | None = None
         self._tools: _StepTools | None = None
         self._stop = StopRequest(self.info, self.dist, self.device)  # installed by fit() only
+        self._stop_any_rank: bool | None = None  # under DDP: the last step's all-reduced stop request
         # Where an interrupted epoch stands (saved in checkpoints): interrupted.pt resumes there.
         self._steps_done_in_epoch = 0
         self._epoch_complete = True
@@ -152,9 +157,9 @@ class Trainer:
     def _lr_factor(self, step: int) -> float:
         """LambdaLR multiplier of optimizer step ``step`` (0-based)."""
         cfg = self.config
-        if self.schedule_total_steps is None:  # length unknown until the first epoch ends
-            return (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
-        return cosine_lr_factor(step, self.schedule_total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        # Length unknown until the first epoch ends: an endless schedule (warm-up, then the peak).
+        total = math.inf if self.schedule_total_steps is None else self.schedule_total_steps
+        return cosine_lr_factor(step, total, cfg.warmup_steps, cfg.min_lr_ratio)
 
     def info(self, message: str) -> None:
         if self.dist.is_main:
@@ -434,12 +439,12 @@ class Trainer:
         progress = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
                              cfg.progress and self.dist.is_main)
         iterator = iter(self.train_loader)
-        step_in_epoch = self._steps_done_in_epoch  # > 0 only when resuming from interrupted.pt
-        for _ in range(step_in_epoch):  # the batches the interrupted run already trained on
+        # > 0 only when resuming from interrupted.pt: skip the batches that run already trained on
+        for _ in range(self._steps_done_in_epoch):
             next(iterator, None)
-        if progress is not None and step_in_epoch:
-            progress.update(step_in_epoch)
-        while cfg.max_steps_per_epoch is None or step_in_epoch < cfg.max_steps_per_epoch:
+        if progress is not None and self._steps_done_in_epoch:
+            progress.update(self._steps_done_in_epoch)
+        while cfg.max_steps_per_epoch is None or self._steps_done_in_epoch < cfg.max_steps_per_epoch:
             timer.start()
             wall_start = time.perf_counter()
             try:
@@ -447,15 +452,14 @@ class Trainer:
             except StopIteration:
                 break
             record, wall_ms = self._step_on(batch, wall_start)
-            step_in_epoch += 1
-            self._steps_done_in_epoch = step_in_epoch
+            self._steps_done_in_epoch += 1
             perf.add(record["batch_size_global"], wall_ms, timer.phases)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if self.global_step % cfg.log_interval == 0:
                 self.info(self._log_line(record))
-            self._stop.check()
+            self._stop.check(self._stop_any_rank)
         if progress is not None:
             progress.close()
 
@@ -513,10 +517,13 @@ class Trainer:
         timer.mark("backward")
         tensors: dict[str, torch.Tensor] = {"loss": total.detach()}
         tensors.update(components)
-        if self.dist.enabled:  # the global batch's mean loss and components (one all-reduce)
-            names = list(tensors)
-            means = all_reduce_mean(torch.stack([tensors[n].detach().float().reshape(()) for n in names]), self.dist)
-            tensors = dict(zip(names, means.unbind()))
+        if self.dist.enabled:
+            # One all-reduce: the global batch's mean loss and components, and whether any rank was
+            # asked to stop (so every rank stops after the same step without a collective of its own).
+            names = list(tensors) + [_STOP_KEY]
+            local = [tensors[n].detach().float().reshape(()) for n in names[:-1]]
+            local.append(torch.tensor(float(self._stop.requested_here), device=self.device))
+            tensors = dict(zip(names, all_reduce_mean(torch.stack(local), self.dist).unbind()))
         if instrument:
             # Read after backward, i.e. after DDP's all-reduce: the same on every rank.
             for name, value in grad_norms(self.groups).items():
@@ -535,9 +542,9 @@ class Trainer:
                 tensors[f"param_delta_{name}"] = value
             with torch.no_grad():
                 warp = correction.warp
-                param_grid = warp.param_grid.detach().float()
-                final_grid = param_grid if warp.final_grid is warp.param_grid else warp.final_grid.detach().float()
-                tensors.update(grid_statistics(param_grid, final_grid))
+                fused = warp.final_grid is not warp.param_grid  # fuse_grid returns the parametric grid alone
+                tensors.update(grid_statistics(warp.param_grid.detach().float(),
+                                               warp.final_grid.detach().float() if fused else None))
                 tensors["params_at_bound_frac"] = params_at_bound_fraction(correction.params.detach().float(),
                                                                            self.param_bounds)
                 if correction.residual_flow_lowres is not None:
@@ -552,6 +559,8 @@ class Trainer:
                   "batch_size_global": int(image.shape[0]) * self.dist.world_size,
                   "residual_branch_active": self.spec.residual_active}
         record.update(zip(names, values))
+        if _STOP_KEY in record:
+            self._stop_any_rank = record.pop(_STOP_KEY) > 0
         record["grad_clipped"] = bool(record["grad_norm_total"] > cfg.grad_clip_norm)
         if instrument:
             self._residual_flags(record, monitor)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 from autohdr.model import LensCorrectionModel, ModelConfig
 
 #: A narrower, shallower network than the default (8 channels in every backbone stage).
@@ -35,3 +38,23 @@ def interrupting_model() -> LensCorrectionModel:
 def raises() -> LensCorrectionModel:
     """A factory that fails (a bug in the user's code): a usage error naming it, not a traceback."""
     raise RuntimeError("factory exploded")
+
+
+class _SigtermOnRankOne(LensCorrectionModel):
+    """Under torchrun, rank 1 alone receives SIGTERM during its ``at_step``-th training forward."""
+
+    def __init__(self, at_step: int) -> None:
+        super().__init__()
+        self._forwards, self._at_step = 0, at_step
+
+    def forward(self, image):
+        if self.training:
+            self._forwards += 1
+            if self._forwards == self._at_step and os.environ.get("RANK") == "1":
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(image)
+
+
+def sigterm_on_rank_one() -> LensCorrectionModel:
+    """The default model; rank 1 is sent SIGTERM in its 3rd training step (rank 0 is not)."""
+    return _SigtermOnRankOne(at_step=3)

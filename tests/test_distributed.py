@@ -136,3 +136,18 @@ def test_batch_norm_with_broadcast_buffers_stays_in_sync(two_rank_batchnorm_sync
     sync = next(v for v in report["verdicts"] if v["signal"] == "ranks_in_sync")
     assert sync["ok"] is True, sync["detail"]
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Rank 1 alone gets SIGTERM: the request travels with the step's all-reduce, so both ranks stop
+    after step 3 and rank 0 saves interrupted.pt; a rank stopping alone would leave the other hanging
+    in its next collective until the timeout."""
+    result = run_torchrun(tmp_path, "stage2_probe", "--set", "data.batch_size=4",
+                          "--model-factory", "tests.cli_factories:sigterm_on_rank_one")
+    report = _report(result, tmp_path)
+    assert report["interrupted"] is True and result.returncode != 0
+    state = load_checkpoint(tmp_path / "interrupted.pt")
+    assert state["global_step"] == 3 and state["epoch_complete"] is False
+    history = read_metrics(tmp_path)
+    assert history.query("kind == 'train_step'")["step"].tolist() == [1, 2, 3]
+    assert history["kind"].tolist()[-2:] == ["interrupted", "run_end"]
