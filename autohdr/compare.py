@@ -24,6 +24,8 @@ from autohdr.model import LensCorrectionModel, ModelConfig
 SUMMARY_KEYS: tuple[str, ...] = ("sample_count", "identity", "model", "delta_model_minus_identity")
 #: Resolution used when neither ``--resize-hw`` nor the run's ``report.json`` gives one (the presets').
 DEFAULT_RESIZE_HW: tuple[int, int] = (128, 128)
+#: Batch size used when neither ``--batch-size`` nor the run's ``report.json`` gives one.
+DEFAULT_BATCH_SIZE: int = 8
 
 
 def score_delta(model: Mapping[str, float], identity: Mapping[str, float]) -> dict[str, float]:
@@ -95,12 +97,34 @@ def model_from_checkpoint(payload: Mapping[str, Any], device: torch.device | str
     return model.to(device).eval()
 
 
-def run_resize_hw(checkpoint_path: str | Path) -> tuple[int, int] | None:
-    """The ``data.resize_hw`` of the run a checkpoint belongs to (``report.json`` beside it), if any."""
+def _run_data_config(checkpoint_path: str | Path) -> Mapping[str, Any]:
+    """The ``config.data`` table of the run a checkpoint belongs to (``report.json`` beside it), or ``{}``."""
     report = Path(checkpoint_path).parent / "report.json"
     try:
-        value = json.loads(report.read_text(encoding="utf-8"))["config"]["data"]["resize_hw"]
-        height, width = (int(v) for v in value)
+        data = json.loads(report.read_text(encoding="utf-8"))["config"]["data"]
     except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return data if isinstance(data, Mapping) else {}
+
+
+def run_resize_hw(checkpoint_path: str | Path) -> tuple[int, int] | None:
+    """The ``data.resize_hw`` of the run a checkpoint belongs to (``report.json`` beside it), if any."""
+    try:
+        height, width = (int(v) for v in _run_data_config(checkpoint_path)["resize_hw"])
+    except (KeyError, ValueError, TypeError):
         return None
     return height, width
+
+
+def run_batch_size(checkpoint_path: str | Path) -> int | None:
+    """The ``data.batch_size`` the run validated with (``report.json`` beside the checkpoint), if any.
+
+    Scoring at the run's batch size reproduces its logged ``val_proxy_*`` exactly: CPU convolution
+    kernels block the batch differently per batch size, which moves predictions by ~1e-7, and the
+    proxy's Canny edges turn such noise into score differences of ~1e-6.
+    """
+    try:
+        value = int(_run_data_config(checkpoint_path)["batch_size"])
+    except (KeyError, ValueError, TypeError):
+        return None
+    return value if value >= 1 else None

@@ -1,13 +1,14 @@
 """Identity warp versus a checkpoint's model on exactly the same subset; prints a JSON summary.
 
     python scripts/debug_compare_identity.py --checkpoint RUN/best.pt --split-csv RUN/val_split.csv
-        [--stage S] [--device auto|cpu|cuda[:N]] [--max-batches N] [--batch-size 8]
+        [--stage S] [--device auto|cpu|cuda[:N]] [--max-batches N] [--batch-size N]
         [--resize-hw H,W|none] [--json-out FILE]
 
 stdout: ``{"stage", "sample_count", "identity", "model", "delta_model_minus_identity"}``, each score
 dict with ``total, edge, line, grad, ssim, mae, hard_fail`` (``hard_fail``: fraction of samples).
-``--stage`` defaults to the checkpoint's stage, ``--resize-hw`` to the run's (``report.json`` beside
-the checkpoint), else 128,128. Progress goes to stderr. Exit codes: 0 done, 2 bad usage or input
+``--stage`` defaults to the checkpoint's stage; ``--resize-hw`` and ``--batch-size`` to the run's
+(``report.json`` beside the checkpoint), else 128,128 and 8. At the run's batch size the scores equal
+the trainer's logged ``val_proxy_*`` exactly; another batch size can differ by ~1e-6 (CPU kernels). Progress goes to stderr. Exit codes: 0 done, 2 bad usage or input
 (one line on stderr). Nothing is written under the images' folders.
 """
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     """The summary for parsed ``args``; ``ValueError`` / ``OSError`` name the bad input."""
     if args.max_batches is not None and args.max_batches < 1:
         raise ValueError(f"--max-batches expects an integer >= 1, got {args.max_batches}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size expects an integer >= 1, got {args.batch_size}")
     resize_hw = parse_resize_hw(args.resize_hw) if args.resize_hw is not None else None
     from autohdr.data import PairDataset, make_loader, read_split_csv  # no torch yet: input errors fail fast
@@ -79,7 +80,10 @@ def run(args: argparse.Namespace) -> dict:
                                        for p in rows[col]})
 
     from autohdr.checkpoint import load_checkpoint
-    from autohdr.compare import DEFAULT_RESIZE_HW, checkpoint_stage, compare_identity, model_from_checkpoint, run_resize_hw
+    from autohdr.compare import (
+        DEFAULT_BATCH_SIZE, DEFAULT_RESIZE_HW, checkpoint_stage, compare_identity, model_from_checkpoint,
+        run_batch_size, run_resize_hw,
+    )
     from autohdr.config import stage_spec
     from autohdr.debug import resolve_device
     device = resolve_device(args.device)
@@ -92,7 +96,8 @@ def run(args: argparse.Namespace) -> dict:
     if resize_hw is not None and (resize_hw[0] % factor or resize_hw[1] % factor):
         raise ValueError(f"--resize-hw expects H and W divisible by {factor} for this model, "
                          f"got {resize_hw[0]},{resize_hw[1]}")
-    loader = make_loader(PairDataset(rows, resize_hw=resize_hw), batch_size=args.batch_size, shuffle=False)
+    batch_size = args.batch_size or run_batch_size(args.checkpoint) or DEFAULT_BATCH_SIZE
+    loader = make_loader(PairDataset(rows, resize_hw=resize_hw), batch_size=batch_size, shuffle=False)
     total = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
     summary = compare_identity(model, _with_progress(loader, total), residual_active=stage_spec(stage).residual_active,
                                device=device, max_batches=args.max_batches)
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default=None, help="stage to evaluate in (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--max-batches", type=int, default=None, help="score only the first N batches")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size (default: the run's, from report.json beside the checkpoint, else 8)")
     parser.add_argument("--resize-hw", default=None, metavar="H,W",
                         help="resolution (default: the run's, from report.json beside the checkpoint, else 128,128)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the summary to this file")
