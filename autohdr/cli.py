@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from autohdr.presets import MODES
+from autohdr.diagnosis.presets import MODES
 
 EXIT_OK, EXIT_BAD_SIGNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_report(report: dict) -> None:
-    from autohdr.verdicts import Verdict, format_table
+    from autohdr.diagnosis.verdicts import Verdict, format_table
     verdicts = [Verdict(**v) for v in report["verdicts"]]
     print(f"\n{report['mode']} ({report['runbook_name'] or report['stage']}) on {report['device']}")
     print(format_table(verdicts))
@@ -76,7 +76,7 @@ def _print_report(report: dict) -> None:
 
 
 def _run(args, mode: str, overrides: list[str], resume=None) -> int:
-    from autohdr.debug import run_debug_mode
+    from autohdr.diagnosis.debug import run_debug_mode
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     report = run_debug_mode(mode, data_root=args.data_root, out_dir=args.out, device=args.device, seed=args.seed,
@@ -91,9 +91,9 @@ def _run(args, mode: str, overrides: list[str], resume=None) -> int:
 
 
 def _judge(args) -> int:
-    from autohdr.config import from_mapping
-    from autohdr.presets import load_preset
-    from autohdr.verdicts import JudgeConfig, all_good, format_table, judge
+    from autohdr.training.config import from_mapping
+    from autohdr.diagnosis.presets import load_preset
+    from autohdr.diagnosis.verdicts import JudgeConfig, all_good, format_table, judge
     cfg = JudgeConfig()
     report_path = args.run_dir / "report.json"
     mode = args.mode

@@ -25,7 +25,7 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autohdr.settings import ensure_kmp_duplicate_lib_ok  # noqa: E402
+from autohdr.data.settings import ensure_kmp_duplicate_lib_ok  # noqa: E402
 
 EXIT_OK, EXIT_USAGE = 0, 2
 PROG = "debug_compare_identity"
@@ -79,13 +79,13 @@ def run(args: argparse.Namespace) -> dict:
         _refuse_inside(args.json_out, {Path(p).resolve().parent for col in ("input_path", "target_path")
                                        for p in rows[col]})
 
-    from autohdr.checkpoint import load_checkpoint
-    from autohdr.compare import (
+    from autohdr.training.checkpoint import load_checkpoint
+    from autohdr.diagnosis.compare import (
         DEFAULT_BATCH_SIZE, DEFAULT_RESIZE_HW, checkpoint_stage, compare_identity, model_from_checkpoint,
         run_batch_size, run_resize_hw,
     )
-    from autohdr.config import stage_spec
-    from autohdr.debug import resolve_device
+    from autohdr.training.config import stage_spec
+    from autohdr.diagnosis.debug import resolve_device
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
     stage = stage_spec(args.stage).name if args.stage else checkpoint_stage(payload)

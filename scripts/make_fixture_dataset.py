@@ -6,7 +6,7 @@ Writes ``OUT/pairs/<id>_original.jpg`` (the distorted INPUT), ``OUT/pairs/<id>_g
 (the corrected TARGET, a clean crop of a scikit-image sample photo), ``OUT/ground_truth.csv`` and
 ``OUT/README.md``.
 
-Convention (that of :mod:`autohdr.geometry`): the correction parameters ``P`` define the backward
+Convention (that of :mod:`autohdr.lens.geometry`): the correction parameters ``P`` define the backward
 grid ``brown_conrady_grid(P)`` (plus an optional smooth residual ``R``) that maps every pixel of
 the corrected image to where it is sampled in the distorted input. The input is made with the
 inverse grid, ``input = warp(clean, invert_brown_conrady_grid(P, residual_fn=R))``, so that
@@ -35,7 +35,7 @@ try:
 except ImportError:  # run as `python scripts/make_fixture_dataset.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autohdr.geometry import (PARAM_NAMES, brown_conrady_grid, brown_conrady_map, folded_fraction,
+from autohdr.lens.geometry import (PARAM_NAMES, brown_conrady_grid, brown_conrady_map, folded_fraction,
                               grid_to_pixels, identity_grid, invert_brown_conrady_grid, warp)
 
 GT_COLUMNS: tuple[str, ...] = ("image_id", *PARAM_NAMES, "residual_max_px", "source")
@@ -249,7 +249,7 @@ Ids are `p000`, `p001`, ... JPEG quality {quality}, 4:2:0 chroma subsampling.
    resized to {size}x{size} (gray photos are stacked to RGB). Scenes with straight lines (brick,
    rocket, page, camera, coffee, motorcycle, text) make up most pairs. The clean crop is the TARGET.
 2. Correction parameters `P = [k1, k2, k3, p1, p2, dcx, dcy, s]` (the convention of
-   `autohdr.geometry`: normalized, `align_corners=True`, backward grid from corrected pixel to
+   `autohdr.lens.geometry`: normalized, `align_corners=True`, backward grid from corrected pixel to
    distorted input) drawn uniformly from
 {ranges}
    Draws whose correction grid folds are rejected. `k1 > 0` for every pair: the correction grid samples

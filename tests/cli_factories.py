@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from autohdr.model import LensCorrectionModel, ModelConfig
+from autohdr.lens.model import LensCorrectionModel, ModelConfig
 
 #: A narrower, shallower network than the default (8 channels in every backbone stage).
 SMALL_CONFIG = ModelConfig(widths=(8, 8, 8, 8), head_hidden=16, residual_hidden=8)

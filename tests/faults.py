@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from autohdr.model import LensCorrectionModel, ModelConfig
+from autohdr.lens.model import LensCorrectionModel, ModelConfig
 
 
 class FrozenResidualHead(LensCorrectionModel):
@@ -120,7 +120,7 @@ class SaturatedParamHead(LensCorrectionModel):
         return {**out, "params_raw": raw, "params": self.bound(raw)}
 
     def bound(self, raw: torch.Tensor) -> torch.Tensor:
-        from autohdr.model import bound_params
+        from autohdr.lens.model import bound_params
         return bound_params(raw, self.param_bounds)
 
 
@@ -152,7 +152,7 @@ class _BatchNormParamHead(nn.Module):
         self.fc1, self.fc2 = head.fc1, head.fc2
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from autohdr.model import bound_params
+        from autohdr.lens.model import bound_params
         raw = self.fc2(torch.nn.functional.silu(self.fc1(self.norm(features.mean(dim=(2, 3))))))
         return bound_params(raw, self.bounds), raw
 

@@ -1,6 +1,6 @@
 """Tiny trainer runs for tests/test_trainer.py: fixture batches, small seeded models, run and read back.
 
-A run here is the real :class:`autohdr.trainer.Trainer` on plain lists of batch dicts decoded once
+A run here is the real :class:`autohdr.training.trainer.Trainer` on plain lists of batch dicts decoded once
 from the embedded fixture pairs (8 pairs at 64x64, batches of 4: two steps per epoch), with a
 small :class:`LensCorrectionModel` (three backbone stages) so that a three-epoch run takes well
 under a second on one CPU core. ``metrics.jsonl`` is read back with ``pandas.read_json(lines=True)``,
@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from autohdr.config import TrainConfig
+from autohdr.training.config import TrainConfig
 from autohdr.data import PairDataset, scan_pairs
-from autohdr.geometry import IDENTITY_PARAMS
-from autohdr.losses import LossWeights
-from autohdr.model import LensCorrectionModel, ModelConfig
-from autohdr.settings import default_fixture_root
-from autohdr.trainer import Trainer, TrainResult
+from autohdr.lens.geometry import IDENTITY_PARAMS
+from autohdr.lens.losses import LossWeights
+from autohdr.lens.model import LensCorrectionModel, ModelConfig
+from autohdr.data.settings import default_fixture_root
+from autohdr.training.trainer import Trainer, TrainResult
 
 NUM_PAIRS, HW, BATCH = 8, (64, 64), 4
 STEPS_PER_EPOCH = NUM_PAIRS // BATCH

@@ -39,12 +39,12 @@ import torch
 from PIL import Image
 from skimage import data as skimage_data
 
-from autohdr.config import TrainConfig
+from autohdr.training.config import TrainConfig
 from autohdr.data import PairDataset, make_loader, scan_pairs
-from autohdr.geometry import apply_correction, identity_params
-from autohdr.model import DEFAULT_PARAM_BOUNDS, LensCorrectionModel
-from autohdr.proxy import SCORE_KEYS, proxy_score
-from autohdr.trainer import Trainer
+from autohdr.lens.geometry import apply_correction, identity_params
+from autohdr.lens.model import DEFAULT_PARAM_BOUNDS, LensCorrectionModel
+from autohdr.lens.proxy import SCORE_KEYS, proxy_score
+from autohdr.training.trainer import Trainer
 
 STAGES = ("stage1_param_only", "stage2_hybrid")
 

@@ -28,10 +28,10 @@ import pytest
 import torch
 from filelock import FileLock
 
-from autohdr.checkpoint import load_checkpoint
+from autohdr.training.checkpoint import load_checkpoint
 from autohdr.cli import EXIT_BAD_SIGNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
-from autohdr.config import to_dict
-from autohdr.verdicts import SIGNALS
+from autohdr.training.config import to_dict
+from autohdr.diagnosis.verdicts import SIGNALS
 from tests.cli_factories import SMALL_CONFIG, small_model
 from tests.helpers_data import REPO_ROOT, copy_pairs, write_pair
 from tests.plugins.data_fixtures import hash_tree

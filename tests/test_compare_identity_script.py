@@ -1,4 +1,4 @@
-"""scripts/debug_compare_identity.py run as a user would (a subprocess), and autohdr.compare in-process.
+"""scripts/debug_compare_identity.py run as a user would (a subprocess), and autohdr.diagnosis.compare in-process.
 
 The checkpoint comes from one short real overfit run (8 fixture pairs, batch 4, 6 epochs = 12
 steps), trained once per session through the ``debug_run`` plugin. Measured: after 2 epochs of
@@ -20,17 +20,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autohdr.checkpoint import load_checkpoint
-from autohdr.compare import (
+from autohdr.training.checkpoint import load_checkpoint
+from autohdr.diagnosis.compare import (
     SUMMARY_KEYS, checkpoint_stage, compare_identity, model_from_checkpoint, run_batch_size, run_resize_hw,
     score_delta,
 )
 from autohdr.data import PairDataset, make_loader, read_split_csv, write_split_csv
-from autohdr.evaluation import PROXY_KEYS, identity_prediction
-from autohdr.geometry import identity_params
-from autohdr.model import ModelConfig
-from autohdr.presets import load_preset
-from autohdr.proxy import proxy_score
+from autohdr.lens.evaluation import PROXY_KEYS, identity_prediction
+from autohdr.lens.geometry import identity_params
+from autohdr.lens.model import ModelConfig
+from autohdr.diagnosis.presets import load_preset
+from autohdr.lens.proxy import proxy_score
 from tests.helpers_data import REPO_ROOT, copy_pairs
 from tests.plugins.data_fixtures import hash_tree
 from tests.plugins.debug_runs import RunSpec
@@ -283,7 +283,7 @@ def test_cuda_without_cuda(overfit_run):
     assert_one_line_error(result, "--device cuda", "not available")
 
 
-# ------------------------------------------------------------------------------ autohdr.compare
+# ------------------------------------------------------------------------------ autohdr.diagnosis.compare
 
 class TestCompareIdentity:
     def test_identity_model_has_zero_delta(self, small_loader):
@@ -395,8 +395,8 @@ class TestRunResizeHw:
 
 def test_model_config_round_trips_through_a_checkpoint():
     """``to_dict`` turns tuples into lists; the rebuilt config must still equal the original."""
-    from autohdr.config import to_dict
-    from autohdr.model import LensCorrectionModel
+    from autohdr.training.config import to_dict
+    from autohdr.lens.model import LensCorrectionModel
     config = ModelConfig(widths=(8, 16, 16, 24), head_hidden=12)
     model = LensCorrectionModel(config)
     rebuilt = model_from_checkpoint({"model": model.state_dict(), "model_config": to_dict(config)})

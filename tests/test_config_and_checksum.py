@@ -1,15 +1,15 @@
-"""autohdr.config overrides, autohdr.presets, autohdr.checksum, autohdr.checkpoint."""
+"""autohdr.training.config overrides, autohdr.diagnosis.presets, autohdr.diagnosis.checksum, autohdr.training.checkpoint."""
 
 import os
 
 import pytest
 import torch
 
-from autohdr import checkpoint
-from autohdr.checksum import tensor_checksum
-from autohdr.config import TrainConfig, apply_overrides
-from autohdr.presets import MODES, load_preset
-from autohdr.trainer import cosine_lr_factor
+from autohdr.training import checkpoint
+from autohdr.diagnosis.checksum import tensor_checksum
+from autohdr.training.config import TrainConfig, apply_overrides
+from autohdr.diagnosis.presets import MODES, load_preset
+from autohdr.training.trainer import cosine_lr_factor
 
 
 class TestOverrides:

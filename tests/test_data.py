@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -14,8 +15,8 @@ from PIL import Image, JpegImagePlugin
 from autohdr import data as data_mod
 from autohdr.data import (DataError, PairDataset, load_image, make_loader, prepare_overfit_split, read_split_csv,
                           scan_pairs, select_pairs, train_val_split, validate_pairs, write_split_csv)
-from autohdr.geometry import PARAM_NAMES, brown_conrady_grid, folded_fraction, warp
-from autohdr.model import DEFAULT_PARAM_BOUNDS
+from autohdr.lens.geometry import PARAM_NAMES, brown_conrady_grid, folded_fraction, warp
+from autohdr.lens.model import DEFAULT_PARAM_BOUNDS
 from tests.helpers_data import copy_pairs, gradient_rgb, load_script, save, truncate, write_pair
 from tests.plugins.data_fixtures import hash_tree
 from tests.tolerances import assert_close
@@ -387,7 +388,7 @@ class TestLoadImage:
             load_image(path)
 
     def test_truncated_jpeg(self, fixture_rows, tmp_path):
-        path = truncate(data_mod.Path(fixture_rows.input_path[0]), tmp_path / "half_original.jpg")
+        path = truncate(Path(fixture_rows.input_path[0]), tmp_path / "half_original.jpg")
         for resize in (None, (128, 128)):
             with pytest.raises(DataError, match=named(path) + ".*truncated"):
                 load_image(path, resize)
@@ -448,7 +449,7 @@ class TestPairDataset:
 
     def test_truncated_file_raises_data_error(self, fixture_rows, tmp_path):
         rows = fixture_rows.iloc[:2].copy()
-        bad = truncate(data_mod.Path(rows.target_path[1]), tmp_path / "p001_generated.jpg")
+        bad = truncate(Path(rows.target_path[1]), tmp_path / "p001_generated.jpg")
         rows.loc[1, "target_path"] = str(bad)
         dataset = PairDataset(rows, (128, 128))
         dataset[0]
@@ -490,7 +491,7 @@ class TestValidatePairs:
         assert validate_pairs(rows, max_check=1) == 1
 
     def test_decode_finds_a_garbled_body(self, fixture_rows, tmp_path):
-        data = bytearray(data_mod.Path(fixture_rows.input_path[0]).read_bytes())
+        data = bytearray(Path(fixture_rows.input_path[0]).read_bytes())
         data[3000:3004] = b"\xff\xc0\x00\x11"   # a frame marker inside the scan data; header and EOI intact
         write_pair(tmp_path, "a", size=(256, 256))
         (tmp_path / "a_original.jpg").write_bytes(bytes(data))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pytest
 
-from autohdr.verdicts import SIGNALS
+from autohdr.diagnosis.verdicts import SIGNALS
 from tests.plugins.debug_runs import RunSpec
 
 MODE_MARKS = {mode: getattr(pytest.mark, mode) for mode in ("overfit_stage1", "stage2_probe", "stage3_probe")}

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from autohdr.checkpoint import load_checkpoint
-from autohdr.model import LensCorrectionModel
-from autohdr.metrics_log import read_metrics
+from autohdr.training.checkpoint import load_checkpoint
+from autohdr.lens.model import LensCorrectionModel
+from autohdr.diagnosis.metrics_log import read_metrics
 from tests.plugins.debug_runs import RunSpec
 
 pytestmark = pytest.mark.distributed

@@ -1,4 +1,4 @@
-"""autohdr.geometry: grids, warps, inverse, statistics (one class per function)."""
+"""autohdr.lens.geometry: grids, warps, inverse, statistics (one class per function)."""
 
 import math
 
@@ -7,12 +7,12 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from autohdr.geometry import (
+from autohdr.lens.geometry import (
     apply_correction, brown_conrady_grid, brown_conrady_jacobian, brown_conrady_map, displacement_px, folded_fraction,
     fuse_grid, grid_statistics, grid_to_pixels, identity_grid, identity_params, invert_brown_conrady_grid,
     jacobian_determinant, out_of_bounds_fraction, residual_to_normalized, warp,
 )
-from autohdr.model import DEFAULT_PARAM_BOUNDS
+from autohdr.lens.model import DEFAULT_PARAM_BOUNDS
 from tests.tolerances import assert_close
 
 

@@ -1,4 +1,4 @@
-"""Tests of autohdr.losses: one class per public function (smoke, shape, exception, gradcheck, reference).
+"""Tests of autohdr.lens.losses: one class per public function (smoke, shape, exception, gradcheck, reference).
 
 Real-image checks use skimage's astronaut photo resized to 64x64 and warped with
 ``brown_conrady_grid`` (barrel ``k1``) or shifted with ``torch.roll``. Reference values are worked
@@ -14,8 +14,8 @@ import pytest
 import torch
 from skimage import data, transform
 
-from autohdr.geometry import brown_conrady_grid, identity_grid, identity_params, warp
-from autohdr.losses import (
+from autohdr.lens.geometry import brown_conrady_grid, identity_grid, identity_params, warp
+from autohdr.lens.losses import (
     IMAGE_TERMS,
     LOSS_TERMS,
     RESIDUAL_TERMS,

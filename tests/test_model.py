@@ -1,13 +1,13 @@
-"""autohdr.model: construction, output contract, identity at init, bounded heads, gradients."""
+"""autohdr.lens.model: construction, output contract, identity at init, bounded heads, gradients."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from autohdr.geometry import apply_correction, identity_params
-from autohdr.instrumentation import GROUP_NAMES, parameter_groups
-from autohdr.model import DEFAULT_PARAM_BOUNDS, LensCorrectionModel, ModelConfig, bound_params
+from autohdr.lens.geometry import apply_correction, identity_params
+from autohdr.diagnosis.instrumentation import GROUP_NAMES, parameter_groups
+from autohdr.lens.model import DEFAULT_PARAM_BOUNDS, LensCorrectionModel, ModelConfig, bound_params
 from tests.tolerances import assert_close
 
 SMALL = ModelConfig(widths=(8, 16, 16, 32), head_hidden=16, residual_hidden=8)

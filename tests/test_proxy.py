@@ -1,4 +1,4 @@
-"""autohdr.proxy: calibration on real photographs, hard fails, input checks, batch helper, speed.
+"""autohdr.lens.proxy: calibration on real photographs, hard fails, input checks, batch helper, speed.
 
 The photographs are the ones scikit-image ships inside its package (no download): centre-cropped
 to a square and resized to 128x128 with anti-aliasing, float32 in [0, 1]. Distortions use the
@@ -16,8 +16,8 @@ from scipy import ndimage as ndi
 from skimage import data
 from skimage.transform import resize
 
-from autohdr.geometry import brown_conrady_grid, warp
-from autohdr.proxy import SCORE_KEYS, SUB_SCORES, HardFailThresholds, ProxyWeights, proxy_score, proxy_score_batch
+from autohdr.lens.geometry import brown_conrady_grid, warp
+from autohdr.lens.proxy import SCORE_KEYS, SUB_SCORES, HardFailThresholds, ProxyWeights, proxy_score, proxy_score_batch
 
 SIZE = 128
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "brick", "rocket")

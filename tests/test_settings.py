@@ -1,4 +1,4 @@
-"""autohdr.settings: DataSettings from the environment, the KMP variable, the fixture root."""
+"""autohdr.data.settings: DataSettings from the environment, the KMP variable, the fixture root."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from autohdr import settings as settings_mod
-from autohdr.debug import resolve_preset
-from autohdr.presets import load_preset
-from autohdr.settings import ENV_VARS, DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
+from autohdr.data import settings as settings_mod
+from autohdr.diagnosis.debug import resolve_preset
+from autohdr.diagnosis.presets import load_preset
+from autohdr.data.settings import ENV_VARS, DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
 
 
 class TestDataSettings:
@@ -104,7 +104,7 @@ class TestEnsureKmpDuplicateLibOk:
 class TestDefaultFixtureRoot:
     def test_points_at_the_embedded_pairs(self):
         root = default_fixture_root()
-        assert root == Path(settings_mod.__file__).resolve().parent.parent / "fixtures" / "pairs"
+        assert root == Path(settings_mod.__file__).resolve().parents[2] / "fixtures" / "pairs"
         assert any(root.glob("*_original.jpg"))
 
     def test_missing_is_a_clear_error(self, monkeypatch, tmp_path):

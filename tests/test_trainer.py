@@ -1,9 +1,9 @@
 """The trainer and the runbook's instrumentation, checked from what it writes to ``metrics.jsonl``.
 
-Every run is the real :class:`autohdr.trainer.Trainer` on the embedded fixture pairs (8 pairs at
+Every run is the real :class:`autohdr.training.trainer.Trainer` on the embedded fixture pairs (8 pairs at
 64x64, batches of 4, a small model; see tests/helpers_trainer.py), read back with
 ``pandas.read_json(lines=True, precise_float=True, dtype=False)`` (the options that make pandas give
-back exactly what was written; see :mod:`autohdr.metrics_log`). Runs that several tests judge are
+back exactly what was written; see :mod:`autohdr.diagnosis.metrics_log`). Runs that several tests judge are
 module-scoped fixtures, so the file trains each configuration once. No assertion is made on wall-clock values: timing fields are
 checked for presence and for their arithmetic relations only.
 """
@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 import torch
 
-from autohdr import checkpoint as ckpt
-from autohdr.evaluation import PROXY_KEYS
-from autohdr.losses import LOSS_TERMS, RESIDUAL_TERMS
-from autohdr.metrics_log import read_metrics
-from autohdr.model import LensCorrectionModel, ModelConfig
-from autohdr.trainer import NonFiniteLossError, cosine_lr_factor
+from autohdr.training import checkpoint as ckpt
+from autohdr.lens.evaluation import PROXY_KEYS
+from autohdr.lens.losses import LOSS_TERMS, RESIDUAL_TERMS
+from autohdr.diagnosis.metrics_log import read_metrics
+from autohdr.lens.model import LensCorrectionModel, ModelConfig
+from autohdr.training.trainer import NonFiniteLossError, cosine_lr_factor
 from tests import faults
 from tests.helpers_trainer import (
     BATCH, CLOCK_FIELDS, PERF_FIELDS, STEPS_PER_EPOCH, TEST_WEIGHTS, FailingLoader, GlobalParamsOnly, NaNAfter,

@@ -1,7 +1,7 @@
-"""Tests of autohdr.verdicts: every signal judged on hand-made metric histories.
+"""Tests of autohdr.diagnosis.verdicts: every signal judged on hand-made metric histories.
 
 ``healthy_records`` builds the records a good run writes to ``metrics.jsonl`` (same kinds and
-field names as ``autohdr.trainer``); each fault below is a small function that edits those records
+field names as ``autohdr.training.trainer``); each fault below is a small function that edits those records
 the way one known failure would. For every signal there is a green test (healthy run), a red test
 (its fault, with the detail that explains it), a not-applicable test, and for every fault the exact
 set of signals that go bad, so that a fault neither goes unnoticed nor raises false alarms.
@@ -21,8 +21,8 @@ from typing import Any, Callable
 import pandas as pd
 import pytest
 
-from autohdr.metrics_log import MetricsWriter
-from autohdr.verdicts import SIGNALS, JudgeConfig, Verdict, all_good, format_table, judge
+from autohdr.diagnosis.metrics_log import MetricsWriter
+from autohdr.diagnosis.verdicts import SIGNALS, JudgeConfig, Verdict, all_good, format_table, judge
 
 Record = dict[str, Any]
 

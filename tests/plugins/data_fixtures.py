@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from autohdr import data as data_mod
-from autohdr.settings import default_fixture_root
+from autohdr.data.settings import default_fixture_root
 
 
 #: The user's ``AUTOHDR_DATA_ROOT`` at start-up (the variables themselves are cleared, see below).

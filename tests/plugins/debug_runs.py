@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 from filelock import FileLock
 
-from autohdr.debug import build_loaders, data_preset_from_env, run_debug_mode, select_rows
-from autohdr.metrics_log import read_metrics
-from autohdr.presets import load_preset
-from autohdr.settings import default_fixture_root
-from autohdr.verdicts import Verdict
+from autohdr.diagnosis.debug import build_loaders, data_preset_from_env, run_debug_mode, select_rows
+from autohdr.diagnosis.metrics_log import read_metrics
+from autohdr.diagnosis.presets import load_preset
+from autohdr.data.settings import default_fixture_root
+from autohdr.diagnosis.verdicts import Verdict
 from tests import faults
 from tests.plugins.data_fixtures import hash_tree
 

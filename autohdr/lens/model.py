@@ -7,7 +7,7 @@ The model predicts a warp, never pixels. ``forward(image)`` returns a dict:
 * ``residual_flow_lowres``: ``(B, 2, H/stride, W/stride)`` flow in pixels of that low resolution,
   bounded by ``residual_max_px``.
 
-Warping and fusion live in :mod:`autohdr.geometry` (``apply_correction``), so any module that
+Warping and fusion live in :mod:`autohdr.lens.geometry` (``apply_correction``), so any module that
 returns ``params`` (and optionally ``residual_flow_lowres``) can be trained the same way.
 
 At initialization both heads output exactly the identity warp (zero-initialized last layers),
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autohdr.geometry import IDENTITY_PARAMS, PARAM_NAMES, check_image
+from autohdr.lens.geometry import IDENTITY_PARAMS, PARAM_NAMES, check_image
 
 #: Default per-parameter bounds, in the canonical order ``[k1, k2, k3, p1, p2, dcx, dcy, s]``.
 DEFAULT_PARAM_BOUNDS: tuple[tuple[float, float], ...] = (

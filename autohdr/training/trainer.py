@@ -9,7 +9,7 @@ One step, and where each figure is taken::
     data -> forward (warp + loss) -> finite check -> backward -> [grad norms, before clipping]
          -> clip -> optimizer + scheduler -> [param deltas, geometry, inactivity] -> one host read
 
-Every step and every validation epoch goes to ``metrics.jsonl`` (see :mod:`autohdr.metrics_log`).
+Every step and every validation epoch goes to ``metrics.jsonl`` (see :mod:`autohdr.diagnosis.metrics_log`).
 Only rank 0 writes files under torchrun.
 """
 
@@ -26,21 +26,21 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from autohdr import checkpoint as ckpt
-from autohdr.checksum import tensor_checksum
-from autohdr.config import TrainConfig, to_dict
-from autohdr.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers, gather_objects
-from autohdr.evaluation import Correction, correct, identity_prediction, score_subset
-from autohdr.geometry import grid_statistics
-from autohdr.interrupts import StopRequest
-from autohdr.instrumentation import (
+from autohdr.training import checkpoint as ckpt
+from autohdr.diagnosis.checksum import tensor_checksum
+from autohdr.training.config import TrainConfig, to_dict
+from autohdr.training.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers, gather_objects
+from autohdr.lens.evaluation import Correction, correct, identity_prediction, score_subset
+from autohdr.lens.geometry import grid_statistics
+from autohdr.training.interrupts import StopRequest
+from autohdr.diagnosis.instrumentation import (
     GROUP_NAMES, ParamDeltaTracker, ResidualInactivityMonitor, StepTimer, cuda_memory_mb, grad_norms,
     params_at_bound_fraction, parameter_groups, unwrap_model,
 )
-from autohdr.losses import composite_loss
-from autohdr.metrics_log import MetricsWriter
-from autohdr.model import DEFAULT_PARAM_BOUNDS
-from autohdr.proxy import proxy_score_batch
+from autohdr.lens.losses import composite_loss
+from autohdr.diagnosis.metrics_log import MetricsWriter
+from autohdr.lens.model import DEFAULT_PARAM_BOUNDS
+from autohdr.lens.proxy import proxy_score_batch
 
 
 #: Key of the all-reduced stop request inside a DDP train step's reduced values (not logged).

@@ -1,8 +1,8 @@
 """Identity warp versus a trained model on exactly the same samples (the runbook's overfit check).
 
-:func:`compare_identity` scores both with :func:`autohdr.evaluation.score_subset` (so the numbers
+:func:`compare_identity` scores both with :func:`autohdr.lens.evaluation.score_subset` (so the numbers
 are those the trainer logs as ``val_proxy_*`` and ``identity_proxy_*``) and returns plain JSON-able
-values. :func:`model_from_checkpoint` rebuilds a :class:`~autohdr.model.LensCorrectionModel` from
+values. :func:`model_from_checkpoint` rebuilds a :class:`~autohdr.lens.model.LensCorrectionModel` from
 the ``model_config`` a trainer checkpoint stores. ``scripts/debug_compare_identity.py`` is the
 command line around both.
 """
@@ -16,9 +16,9 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from autohdr.config import from_mapping, stage_spec
-from autohdr.evaluation import PROXY_KEYS, score_subset
-from autohdr.model import LensCorrectionModel, ModelConfig
+from autohdr.training.config import from_mapping, stage_spec
+from autohdr.lens.evaluation import PROXY_KEYS, score_subset
+from autohdr.lens.model import LensCorrectionModel, ModelConfig
 
 #: Keys of the summary :func:`compare_identity` returns (the script adds ``stage`` in front).
 SUMMARY_KEYS: tuple[str, ...] = ("sample_count", "identity", "model", "delta_model_minus_identity")

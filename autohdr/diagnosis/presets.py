@@ -1,8 +1,8 @@
 """Debug-mode presets: readable TOML files (``autohdr/presets/<mode>.toml``) turned into typed configs.
 
 A preset has four tables: ``[data]`` (:class:`DataPreset`), ``[train]``
-(:class:`~autohdr.config.TrainConfig`), ``[model]`` (:class:`~autohdr.model.ModelConfig`) and
-``[judge]`` (:class:`~autohdr.verdicts.JudgeConfig`). Unknown keys are refused.
+(:class:`~autohdr.training.config.TrainConfig`), ``[model]`` (:class:`~autohdr.lens.model.ModelConfig`) and
+``[judge]`` (:class:`~autohdr.diagnosis.verdicts.JudgeConfig`). Unknown keys are refused.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autohdr.config import TrainConfig, apply_overrides, from_mapping, split_override
-from autohdr.model import ModelConfig
-from autohdr.verdicts import JudgeConfig
+from autohdr.training.config import TrainConfig, apply_overrides, from_mapping, split_override
+from autohdr.lens.model import ModelConfig
+from autohdr.diagnosis.verdicts import JudgeConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 MODES: tuple[str, ...] = ("overfit_stage1", "stage2_probe", "stage3_probe")

@@ -5,11 +5,11 @@ the trainer calls :func:`proxy_score_batch` on validation batches. It is a *prox
 the challenge's split (edges 40%, lines 22%, gradient orientation 18%, SSIM 15%, pixels 5%), the
 sub-scores are our own stand-ins for its measures, and it is not differentiable.
 
-Convention (see :mod:`autohdr.geometry`): a single image is a torch tensor ``(3, H, W)`` or a numpy
+Convention (see :mod:`autohdr.lens.geometry`): a single image is a torch tensor ``(3, H, W)`` or a numpy
 array ``(H, W, 3)``, float in ``[0, 1]``; a batch is ``(B, 3, H, W)`` (torch) or ``(B, H, W, 3)``
 (numpy). Every input is quantised to float32 first (torch via ``.detach().cpu().float()``), so a
 torch tensor and the numpy array holding the same values score identically. The luminance
-``Y = 0.299 R + 0.587 G + 0.114 B`` (BT.601, as in :mod:`autohdr.losses`) feeds every structural
+``Y = 0.299 R + 0.587 G + 0.114 B`` (BT.601, as in :mod:`autohdr.lens.losses`) feeds every structural
 sub-score.
 
 Edge maps: Canny (``skimage.feature.canny``) of the luminance with ``sigma = CANNY_SIGMA`` and
@@ -90,7 +90,7 @@ from skimage.transform import hough_line
 SCORE_KEYS: tuple[str, ...] = ("total", "edge", "line", "grad", "ssim", "mae", "hard_fail")
 SUB_SCORES: tuple[str, ...] = ("edge", "line", "grad", "ssim", "mae")
 
-# BT.601 luma weights, the same as autohdr.losses uses.
+# BT.601 luma weights, the same as autohdr.lens.losses uses.
 LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)
 MIN_SIDE = 16                    # smallest H and W accepted (Canny, 7x7 SSIM window, border band)
 RANGE_TOLERANCE = 1e-3           # values in [-tol, 1 + tol] are clipped to [0, 1], beyond is an error

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from autohdr.losses import LossWeights
+from autohdr.lens.losses import LossWeights
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def ensure_kmp_duplicate_lib_ok(environ: MutableMapping[str, str] = os.environ) 
 
 def repo_root() -> Path:
     """The checkout this package lives in (the parent of the ``autohdr`` folder)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def default_fixture_root() -> Path:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from autohdr.distributed import SINGLE, DistContext, all_reduce_sum
+from autohdr.training.distributed import SINGLE, DistContext, all_reduce_sum
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from autohdr.metrics_log import read_metrics
+from autohdr.diagnosis.metrics_log import read_metrics
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from autohdr.geometry import WarpResult, apply_correction, identity_params
-from autohdr.proxy import proxy_score_batch
+from autohdr.lens.geometry import WarpResult, apply_correction, identity_params
+from autohdr.lens.proxy import proxy_score_batch
 
 PROXY_KEYS: tuple[str, ...] = ("total", "edge", "line", "grad", "ssim", "mae", "hard_fail")
 

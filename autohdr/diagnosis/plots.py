@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from autohdr.evaluation import correct  # noqa: E402
+from autohdr.lens.evaluation import correct  # noqa: E402
 
 
 def plot_curves(history: pd.DataFrame, path: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """Differentiable training losses: image terms, residual-flow regularizers and the fold penalty.
 
-Convention (see :mod:`autohdr.geometry`): images are ``(B, 3, H, W)`` float in ``[0, 1]``; grids are
+Convention (see :mod:`autohdr.lens.geometry`): images are ``(B, 3, H, W)`` float in ``[0, 1]``; grids are
 ``(B, H, W, 2)`` normalized ``(x, y)`` with ``align_corners=True``; the residual flow is
 ``(B, 2, h, w)`` in pixels of its own low resolution. Every loss is a pure function that returns a
 0-d tensor (the mean over the batch and over pixels) on the input's device and in its dtype.
@@ -31,7 +31,7 @@ Residual-flow regularizers (on the low-resolution flow, units of low-resolution 
 Grid term:
 
 * ``jacobian`` -- :func:`jacobian_fold_penalty`, ``mean(relu(margin - det J))`` of the final grid's
-  Jacobian determinant (:func:`autohdr.geometry.jacobian_determinant`): 0 for any warp that does
+  Jacobian determinant (:func:`autohdr.lens.geometry.jacobian_determinant`): 0 for any warp that does
   not fold (identity has ``det = 1``).
 
 Stage toggles (:func:`composite_loss`): stage 1 (``stage1_param_only``) trains the parametric head
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from autohdr.geometry import check_channels_first, check_grid, check_image, jacobian_determinant
+from autohdr.lens.geometry import check_channels_first, check_grid, check_image, jacobian_determinant
 
 IMAGE_TERMS: tuple[str, ...] = ("pixel", "ssim", "edge", "grad_orient", "multiscale")
 RESIDUAL_TERMS: tuple[str, ...] = ("flow_tv", "flow_mag", "flow_curv")
@@ -347,7 +347,7 @@ def flow_curv(flow: torch.Tensor) -> torch.Tensor:
 def jacobian_fold_penalty(grid: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """Fold penalty ``mean(relu(margin - det J))`` over the grid's cells.
 
-    ``det J`` is :func:`autohdr.geometry.jacobian_determinant` (pixel units, 1 for the identity,
+    ``det J`` is :func:`autohdr.lens.geometry.jacobian_determinant` (pixel units, 1 for the identity,
     negative where the grid folds). With ``margin = 0`` only folds are penalized.
 
     Args:

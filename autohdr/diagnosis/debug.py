@@ -1,0 +1,289 @@
+"""The runbook's debug modes as one call: data, model, training, verdicts, report.
+
+``run_debug_mode("stage2_probe")`` trains on the embedded fixture data (or ``data_root``), judges
+every signal from the run's own ``metrics.jsonl`` and writes, under ``out_dir``:
+``report.json``, ``metrics.jsonl``, ``curves.png``, ``triplets.png``, the split CSVs and the
+checkpoints. Custom ``model`` / loaders plug into the same path, which is how the diagnostic
+suite injects faults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from autohdr import data as data_mod
+from autohdr.training.config import to_dict
+from autohdr.training.distributed import SINGLE, DistContext, barrier, init_distributed, shutdown
+from autohdr.diagnosis.metrics_log import read_metrics
+from autohdr.lens.model import LensCorrectionModel, ModelConfig
+from autohdr.diagnosis.presets import DataPreset, DebugPreset, load_preset, override_preset
+from autohdr.data.settings import DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
+from autohdr.training.trainer import NonFiniteLossError, Trainer
+from autohdr.diagnosis.verdicts import all_good, judge
+
+#: Environment variables that override a preset's ``[data]`` table, and the field each sets.
+ENV_TO_DATA_FIELD = {
+    "AUTOHDR_BATCH_SIZE": "batch_size",
+    "AUTOHDR_NUM_WORKERS": "num_workers",
+    "AUTOHDR_RESIZE_HW": "resize_hw",
+    "AUTOHDR_MAX_PAIRS": "num_pairs",
+    "AUTOHDR_VAL_FRAC": "val_frac",
+    "AUTOHDR_SPLIT_SEED": "split_seed",
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is a usage error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for but CUDA is not available here")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def load_model_factory(spec: str) -> Callable[[], nn.Module]:
+    """Resolve ``MODULE:FUNCTION`` to a callable returning an ``nn.Module``."""
+    if ":" not in spec:
+        raise ValueError(f"--model-factory must look like MODULE:FUNCTION, got {spec!r}")
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--model-factory: cannot import module {module_name!r} ({exc})") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ValueError(f"--model-factory: {module_name!r} has no callable {func_name!r}")
+    return factory
+
+
+def build_model(factory_spec: str | None, config: ModelConfig) -> nn.Module:
+    """``LensCorrectionModel(config)``, or the user's factory; its failures become a ``ValueError``."""
+    if not factory_spec:
+        return LensCorrectionModel(config)
+    factory = load_model_factory(factory_spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ValueError(f"--model-factory {factory_spec} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model-factory {factory_spec} returned {type(model).__name__}, "
+                         f"expected a torch.nn.Module")
+    return model
+
+
+def data_preset_from_env(preset: DataPreset, environ=os.environ) -> DataPreset:
+    """Apply the ``AUTOHDR_*`` variables that are set to a preset's ``[data]`` table.
+
+    They win over the preset file; ``--set data.*`` wins over them (see :func:`run_debug_mode`).
+    ``AUTOHDR_MAX_PAIRS`` caps ``num_pairs``. ``AUTOHDR_RESIZE_HW=none`` (full size) is refused:
+    a batch needs one image size.
+    """
+    settings = DataSettings.from_env(environ)
+    changes = {}
+    for var, name in ENV_TO_DATA_FIELD.items():
+        if not environ.get(var, "").strip():
+            continue
+        if name == "num_pairs":
+            changes[name] = min(preset.num_pairs, settings.max_pairs)
+        elif name == "resize_hw":
+            if settings.resize_hw is None:
+                raise ValueError(f"{var}=none (full-size images) is not supported by the debug modes: a batch "
+                                 f"needs one image size; give 'H,W', e.g. '256,256'")
+            changes[name] = tuple(settings.resize_hw)
+        else:
+            changes[name] = getattr(settings, name)
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
+def resolve_preset(mode: str, overrides: list[str] | dict[str, Any] | None = None,
+                   environ=os.environ) -> DebugPreset:
+    """The configuration a run uses. Precedence: the preset file < ``AUTOHDR_*`` < ``overrides`` (``--set``)."""
+    base = load_preset(mode)
+    return override_preset(dataclasses.replace(base, data=data_preset_from_env(base.data, environ)), overrides)
+
+
+def select_rows(data_root: Path, preset: DataPreset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train and validation rows of a debug run (identical when ``preset.overfit``)."""
+    rows = data_mod.scan_pairs(data_root)
+    if preset.shuffle_pairs:
+        rows = rows.sample(frac=1.0, random_state=preset.split_seed).reset_index(drop=True)
+    rows = rows.iloc[: preset.num_pairs].reset_index(drop=True)
+    data_mod.validate_pairs(rows)
+    if preset.overfit:
+        return rows, rows.copy()
+    return data_mod.train_val_split(rows, preset.val_frac, preset.split_seed)
+
+
+def build_loaders(train_rows: pd.DataFrame, val_rows: pd.DataFrame, preset: DataPreset, seed: int,
+                  dist_ctx: DistContext = SINGLE) -> tuple[DataLoader, DataLoader]:
+    """Train loader (seeded per-epoch shuffle, sharded across ranks) and a fixed-order val loader."""
+    train_set = data_mod.PairDataset(train_rows, resize_hw=tuple(preset.resize_hw), hflip=preset.hflip, seed=seed)
+    val_set = data_mod.PairDataset(val_rows, resize_hw=tuple(preset.resize_hw), hflip=False, seed=seed)
+    sampler = DistributedSampler(train_set, num_replicas=dist_ctx.world_size, rank=dist_ctx.rank,
+                                 shuffle=True, seed=seed, drop_last=dist_ctx.enabled)
+    # Workers are not persistent when flips are on: the dataset's per-epoch flip seed (set_epoch)
+    # reaches worker processes only when they are started anew each epoch.
+    common = {"num_workers": preset.num_workers,
+              "persistent_workers": preset.num_workers > 0 and not preset.hflip}
+    train_loader = DataLoader(train_set, batch_size=preset.batch_size, sampler=sampler, **common)
+    val_loader = DataLoader(val_set, batch_size=preset.batch_size, shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def load_ground_truth(data_root: Path) -> dict[str, torch.Tensor] | None:
+    """``ground_truth.csv`` beside or inside the data root, as ``image_id -> (8,)`` parameters."""
+    for candidate in (data_root / "ground_truth.csv", data_root.parent / "ground_truth.csv"):
+        if candidate.is_file():
+            frame = pd.read_csv(candidate)
+            cols = ["k1", "k2", "k3", "p1", "p2", "dcx", "dcy", "s"]
+            missing = [c for c in ["image_id", *cols] if c not in frame.columns]
+            if missing:
+                raise ValueError(f"{candidate} is missing columns {missing}")
+            return {str(r.image_id): torch.tensor([getattr(r, c) for c in cols], dtype=torch.float32)
+                    for r in frame.itertuples()}
+    return None
+
+
+def default_out_dir(mode: str) -> Path:
+    return Path("runs") / f"{Path(mode).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_debug_mode(
+    mode: str,
+    *,
+    model: nn.Module | None = None,
+    train_loader: Iterable[Mapping] | None = None,
+    val_loader: Iterable[Mapping] | None = None,
+    data_root: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    overrides: list[str] | dict[str, Any] | None = None,
+    epochs: int | None = None,
+    model_factory: str | None = None,
+    init_from: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    plots: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one debug mode end to end and return its report (also written to ``report.json``).
+
+    ``mode`` is ``overfit_stage1``, ``stage2_probe``, ``stage3_probe`` or a preset ``.toml`` path.
+    Passing ``model`` or loaders replaces the built-in ones (loaders yield dicts with
+    ``input_image`` / ``target_image`` ``(B, 3, H, W)``). ``ValueError`` means bad usage or input.
+    """
+    ensure_kmp_duplicate_lib_ok()
+    started = time.perf_counter()
+    extra = dict(overrides) if isinstance(overrides, dict) else list(overrides or [])
+    preset = resolve_preset(mode, extra)
+    train_cfg = dataclasses.replace(preset.train, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
+    data_preset = preset.data
+    torch_device = resolve_device(device)
+    dist_ctx = init_distributed(torch_device)
+    try:
+        if dist_ctx.enabled and torch_device.type == "cuda":
+            torch_device = torch.device("cuda", dist_ctx.local_rank)
+        out = Path(out_dir) if out_dir else default_out_dir(mode)
+
+        root = Path(data_root) if data_root else Path(os.environ.get("AUTOHDR_DATA_ROOT") or default_fixture_root())
+        ground_truth = None
+        uses_data_root = train_loader is None or val_loader is None
+        if uses_data_root:
+            split_dir = Path(os.environ.get("AUTOHDR_SPLIT_DIR") or out)
+            data_mod.ensure_outside_data_root(out, root, "--out")
+            data_mod.ensure_outside_data_root(split_dir, root, "AUTOHDR_SPLIT_DIR")
+            train_rows, val_rows = select_rows(root, data_preset)
+            if dist_ctx.is_main:
+                data_mod.write_split_csv(train_rows, split_dir / "train_split.csv")
+                data_mod.write_split_csv(val_rows, split_dir / "val_split.csv")
+            built_train, built_val = build_loaders(train_rows, val_rows, data_preset, seed, dist_ctx)
+            train_loader = built_train if train_loader is None else train_loader
+            val_loader = built_val if val_loader is None else val_loader
+            ground_truth = load_ground_truth(root)
+
+        torch.manual_seed(seed)  # before the model is built: its initial weights depend on the seed
+        if model is None:
+            model = build_model(model_factory, preset.model)
+        model = model.to(torch_device)
+        if dist_ctx.enabled:
+            # torch 2.13 deprecates the broadcast_buffers argument but keeps it as the only way to keep
+            # buffers rank-local; pass it only to switch the default broadcast off.
+            buffer_kwargs = {} if train_cfg.ddp_broadcast_buffers else {"broadcast_buffers": False}
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist_ctx.local_rank] if torch_device.type == "cuda" else None,
+                # stage 1 leaves the residual head out of the loss: DDP must not wait for its gradients
+                find_unused_parameters=not train_cfg.spec.residual_active, **buffer_kwargs)
+
+        trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
+                          ground_truth=ground_truth, dist_ctx=dist_ctx, log=log)
+        error = None
+        try:
+            result = trainer.fit(init_from=init_from, resume_from=resume_from)
+            interrupted = result.interrupted
+        except NonFiniteLossError as exc:
+            error, interrupted = str(exc), False
+        report: dict[str, Any] = {}
+        if dist_ctx.is_main:
+            history = read_metrics(out)
+            verdicts = judge(history, preset.judge)
+            report = {
+                "mode": preset.mode,
+                "runbook_name": preset.runbook_name,
+                "stage": train_cfg.stage,
+                "all_good": all_good(verdicts) and error is None and not interrupted,
+                "error": error,
+                "interrupted": interrupted,
+                "verdicts": [v.to_dict() for v in verdicts],
+                "figures": _figures(history, time.perf_counter() - started),
+                "out_dir": str(out),
+                "data_root": str(root) if uses_data_root else None,
+                "device": str(torch_device),
+                "world_size": dist_ctx.world_size,
+                "config": {"data": to_dict(data_preset), "train": to_dict(train_cfg), "model": to_dict(preset.model),
+                               "judge": to_dict(preset.judge)},
+            }
+            (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+            if plots:
+                from autohdr.diagnosis.plots import plot_curves, plot_triplets
+                plot_curves(history, out / "curves.png")
+                plot_triplets(trainer, out / "triplets.png")
+        barrier(dist_ctx)  # every rank leaves together, after rank 0 has written the report
+        return report
+    finally:
+        # Leave the process group cleanly: a gloo group left to interpreter exit can abort a rank
+        # ("terminate called without an active exception") after a good run.
+        shutdown(dist_ctx)
+
+
+def _figures(history: pd.DataFrame, wall_time_s: float) -> dict[str, Any]:
+    """Headline numbers of a run for the report."""
+    figures: dict[str, Any] = {"wall_time_s": wall_time_s}
+    end = history[history["kind"] == "run_end"]
+    if not end.empty:
+        row = end.iloc[-1].dropna()
+        for key in ("samples_per_sec", "step_time_ms_mean", "instrumentation_overhead_frac", "steps",
+                    "best_val_proxy_total"):
+            if key in row:
+                value = row[key].item() if hasattr(row[key], "item") else row[key]
+                figures[key] = value if not isinstance(value, float) or math.isfinite(value) else None
+    val = history[history["kind"] == "val_epoch"]
+    if not val.empty:
+        last = val.iloc[-1]
+        for key in ("val_proxy_total", "identity_proxy_total", "gt_proxy_total"):
+            if key in last and pd.notna(last[key]):
+                figures[f"final_{key}"] = float(last[key])
+    return figures
