@@ -39,6 +39,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="build the model with this callable instead of LensCorrectionModel")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset key, e.g. --set train.lr=1e-3 --set data.num_pairs=48")
+    parser.add_argument("--groups", default=None, metavar="GROUP=PREFIX,...",
+                        help="name the model's parameter groups by module path, e.g. backbone=net.encoder,"
+                             "param_head=net.head,residual_head=net.flow (several prefixes: a+b); default: "
+                             "the model's parameter_groups(), else submodules named like the groups")
     parser.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint's weights")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
@@ -79,8 +83,10 @@ def _run(args, mode: str, overrides: list[str], resume=None) -> int:
     from autohdr.diagnosis.debug import run_debug_mode
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    from autohdr.diagnosis.instrumentation import parse_group_spec
+    groups = parse_group_spec(args.groups) if args.groups is not None else None
     report = run_debug_mode(mode, data_root=args.data_root, out_dir=args.out, device=args.device, seed=args.seed,
-                            overrides=overrides, epochs=args.epochs, model_factory=args.model_factory,
+                            overrides=overrides, epochs=args.epochs, model_factory=args.model_factory, groups=groups,
                             init_from=args.init_from, resume_from=resume, plots=not args.no_plots)
     if not report:  # a non-zero rank under torchrun
         return EXIT_OK

@@ -179,12 +179,15 @@ def run_debug_mode(
     resume_from: str | Path | None = None,
     plots: bool = True,
     log: Callable[[str], None] | None = None,
+    groups: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one debug mode end to end and return its report (also written to ``report.json``).
 
     ``mode`` is ``overfit_stage1``, ``stage2_probe``, ``stage3_probe`` or a preset ``.toml`` path.
     Passing ``model`` or loaders replaces the built-in ones (loaders yield dicts with
-    ``input_image`` / ``target_image`` ``(B, 3, H, W)``). ``ValueError`` means bad usage or input.
+    ``input_image`` / ``target_image`` ``(B, 3, H, W)``). ``groups`` names the parameter groups
+    (``{"backbone": "net.encoder", ...}``, see :func:`~autohdr.diagnosis.instrumentation.parameter_groups`).
+    ``ValueError`` means bad usage or input.
     """
     ensure_kmp_duplicate_lib_ok()
     started = time.perf_counter()
@@ -229,7 +232,7 @@ def run_debug_mode(
                 find_unused_parameters=not train_cfg.spec.residual_active, **buffer_kwargs)
 
         trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
-                          ground_truth=ground_truth, dist_ctx=dist_ctx, log=log)
+                          ground_truth=ground_truth, dist_ctx=dist_ctx, log=log, groups=groups)
         error = None
         try:
             result = trainer.fit(init_from=init_from, resume_from=resume_from)

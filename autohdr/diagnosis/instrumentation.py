@@ -4,7 +4,8 @@ Each class holds only the state its measurement needs and returns 0-d tensors, s
 reads every figure of a step with a single host transfer.
 
 * :func:`parameter_groups` splits parameters into ``backbone`` / ``param_head`` /
-  ``residual_head`` (and ``other`` for anything else), each parameter exactly once.
+  ``residual_head`` (and ``other`` for anything else), each parameter exactly once, by the
+  user's prefixes (``--groups``), the model's ``parameter_groups()`` or autohdr's names.
 * :class:`ParamDeltaTracker` measures ``||theta_after - theta_before||`` per group exactly, without
   allocating: one persistent buffer per parameter, updated in place with foreach kernels.
 * :class:`ResidualInactivityMonitor` counts consecutive steps with a tiny residual.
@@ -14,6 +15,7 @@ reads every figure of a step with a single host transfer.
 from __future__ import annotations
 
 import time
+from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -26,22 +28,102 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Parameters grouped by top-level submodule name.
+#: A group's members: module-path prefixes (``"net.encoder"``), or the parameters themselves.
+GroupMembers = Union[str, Sequence[str], Iterable[nn.Parameter]]
 
-    Returns the three :data:`GROUP_NAMES` (possibly empty lists) and ``other`` when the model has
-    parameters outside them. Every parameter appears exactly once (checked).
+#: autohdr's own model names its submodules after the groups.
+DEFAULT_GROUP_PREFIXES: dict[str, tuple[str, ...]] = {name: (name,) for name in GROUP_NAMES}
+
+
+def parse_group_spec(text: str) -> dict[str, tuple[str, ...]]:
+    """``"backbone=net.encoder,param_head=net.head+net.fc"`` -> ``{group: (prefix, ...)}``.
+
+    Groups are separated by ``,``, several prefixes of one group by ``+``. ``ValueError`` names
+    the bad part: an unknown group, a missing ``=`` or an empty prefix.
+    """
+    spec: dict[str, tuple[str, ...]] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, prefixes = part.partition("=")
+        name = name.strip()
+        members = tuple(p.strip() for p in prefixes.split("+"))
+        if not sep or not all(members):
+            raise ValueError(f"--groups: expected GROUP=PREFIX[+PREFIX...], got {part!r}")
+        if name not in GROUP_NAMES:
+            raise ValueError(f"--groups: unknown group {name!r}; expected one of {', '.join(GROUP_NAMES)}")
+        spec[name] = members
+    if not spec:
+        raise ValueError(f"--groups: no GROUP=PREFIX given in {text!r}")
+    return spec
+
+
+def _prefix_matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def parameter_groups(model: nn.Module, spec: Mapping[str, GroupMembers] | None = None) -> dict[str, list[nn.Parameter]]:
+    """Parameters grouped into ``backbone`` / ``param_head`` / ``residual_head`` (+ ``other``).
+
+    Where the groups come from, first match wins:
+
+    1. ``spec``: group name -> module-path prefix(es) (``"net.encoder"``, matched on whole path
+       components) or an iterable of the parameters themselves;
+    2. a ``parameter_groups()`` method on the model returning such a mapping;
+    3. autohdr's convention: top-level submodules named ``backbone``, ``param_head``, ``residual_head``.
+
+    A parameter matched by several prefixes goes to the longest one. Returns every name of
+    :data:`GROUP_NAMES` (an empty list where nothing was named, which the signals report as not
+    judged) and ``other`` for the rest. Every parameter appears exactly once (checked).
+
+    Raises:
+        ValueError: an unknown group name, or a prefix that matches no parameter (the message lists
+            the model's top-level modules).
     """
     model = unwrap_model(model)
+    if spec is None and callable(getattr(model, "parameter_groups", None)):
+        spec = model.parameter_groups()
+    named = list(model.named_parameters())
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
-    for name, param in model.named_parameters():
-        top = name.split(".", 1)[0]
-        groups.setdefault(top if top in GROUP_NAMES else "other", []).append(param)
+    if spec is None:
+        spec = DEFAULT_GROUP_PREFIXES
+        strict = False  # the convention: a model without such submodules simply has no such group
+    else:
+        strict = True
+    unknown = [g for g in spec if g not in GROUP_NAMES]
+    if unknown:
+        raise ValueError(f"unknown parameter group(s) {unknown}; expected {', '.join(GROUP_NAMES)}")
+    prefixes: list[tuple[str, str]] = []
+    chosen: dict[int, str] = {}
+    for group, members in spec.items():
+        members = (members,) if isinstance(members, str) else tuple(members)
+        for member in members:
+            if isinstance(member, str):
+                prefixes.append((member, group))
+            else:
+                chosen[id(member)] = group
+    if strict:
+        tops = sorted({n.split(".", 1)[0] for n, _ in named})
+        for prefix, group in prefixes:
+            if not any(_prefix_matches(n, prefix) for n, _ in named):
+                raise ValueError(f"parameter group {group}={prefix!r} matches no parameter of "
+                                 f"{type(model).__name__}; its top-level modules: {', '.join(tops)}")
+    for name, param in named:
+        group = chosen.get(id(param))
+        if group is None:
+            matches = [(len(p), g) for p, g in prefixes if _prefix_matches(name, p)]
+            group = max(matches)[1] if matches else "other"
+        groups.setdefault(group, []).append(param)
     seen = [id(p) for ps in groups.values() for p in ps]
     total = sum(1 for _ in model.parameters())
     if len(seen) != len(set(seen)) or len(seen) != total:
         raise RuntimeError(f"parameter groups do not cover the {total} parameters exactly once")
     return groups
+
+
+def group_summary(groups: Mapping[str, list[nn.Parameter]]) -> dict[str, dict[str, int]]:
+    """Per group: how many parameter tensors and values, and how many of them are trainable."""
+    return {name: {"tensors": len(params), "values": sum(p.numel() for p in params),
+                   "trainable_values": sum(p.numel() for p in params if p.requires_grad)}
+            for name, params in groups.items()}
 
 
 def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:

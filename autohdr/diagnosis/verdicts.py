@@ -75,6 +75,18 @@ def _residual_off(history: pd.DataFrame, signal: str) -> Verdict | None:
     return None
 
 
+def _missing_group(history: pd.DataFrame, group: str, signal: str) -> Verdict | None:
+    """``n/a`` naming what to pass when the run recorded no parameters in ``group``."""
+    start = _rows(history, "run_start")
+    if start.empty or "parameter_groups" not in start.columns:
+        return None
+    summary = start.iloc[-1]["parameter_groups"]
+    if not isinstance(summary, dict) or group not in summary or summary[group].get("values", 0) > 0:
+        return None
+    return Verdict(signal, None, f"no parameters in group {group!r}: not judged; name its modules with "
+                                 f"--groups {group}=MODULE.PATH or a parameter_groups() method on the model")
+
+
 def _as_float(value: Any) -> float:
     try:
         return float(value)
@@ -183,7 +195,8 @@ def residual_contributes(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
 
 def residual_head_learning(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     """Good (stages 2 and 3): residual head gradient norm and parameter delta are non-zero."""
-    off = _residual_off(history, "residual_head_learning")
+    off = _residual_off(history, "residual_head_learning") or _missing_group(history, "residual_head",
+                                                                             "residual_head_learning")
     if off:
         return off
     steps = _rows(history, "train_step")
@@ -362,6 +375,9 @@ def param_head_not_saturated(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict
 
 def param_head_learning(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     """Good: the parameter head gets a gradient and moves (a detached head gets none)."""
+    missing = _missing_group(history, "param_head", "param_head_learning")
+    if missing:
+        return missing
     steps = _rows(history, "train_step")
     grads = _column(steps, "grad_norm_param_head")
     if grads is None:

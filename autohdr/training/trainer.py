@@ -1,4 +1,4 @@
-"""The training loop, with the runbook's instrumentation attached at fixed points.
+"""The training loop; the runbook's instrumentation is attached as hooks (:mod:`autohdr.diagnosis.hooks`).
 
 ``Trainer(model, config, train_loader, val_loader, out_dir=...)`` trains any ``nn.Module`` whose
 forward returns ``params`` (and optionally ``residual_flow_lowres``) on any iterables of batch
@@ -6,8 +6,9 @@ dicts (``input_image``, ``target_image`` ``(B, 3, H, W)``, optionally ``image_id
 
 One step, and where each figure is taken::
 
-    data -> forward (warp + loss) -> finite check -> backward -> [grad norms, before clipping]
-         -> clip -> optimizer + scheduler -> [param deltas, geometry, inactivity] -> one host read
+    data -> on_train_batch_start -> forward (warp + loss) -> on_after_forward -> finite check
+         -> backward -> [DDP: one all-reduce] -> on_after_backward (grad norms, before clipping)
+         -> clip -> optimizer + scheduler -> on_train_batch_end (deltas, geometry, one host read)
 
 Every step and every validation epoch goes to ``metrics.jsonl`` (see :mod:`autohdr.diagnosis.metrics_log`).
 Only rank 0 writes files under torchrun.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,29 +26,16 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from autohdr.training import checkpoint as ckpt
-from autohdr.diagnosis.checksum import tensor_checksum
-from autohdr.training.config import TrainConfig, to_dict
-from autohdr.training.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers, gather_objects
-from autohdr.lens.evaluation import Correction, correct, identity_prediction, score_subset
-from autohdr.lens.geometry import grid_statistics
-from autohdr.training.interrupts import StopRequest
-from autohdr.diagnosis.instrumentation import (
-    GROUP_NAMES, ParamDeltaTracker, ResidualInactivityMonitor, StepTimer, cuda_memory_mb, grad_norms,
-    params_at_bound_fraction, parameter_groups, unwrap_model,
-)
+from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, NonFiniteLossError
+from autohdr.diagnosis.instrumentation import GROUP_NAMES, GroupMembers, parameter_groups, unwrap_model
+from autohdr.lens.evaluation import Correction, correct
 from autohdr.lens.losses import composite_loss
-from autohdr.diagnosis.metrics_log import MetricsWriter
-from autohdr.lens.model import DEFAULT_PARAM_BOUNDS
-from autohdr.lens.proxy import proxy_score_batch
+from autohdr.training.config import TrainConfig, to_dict
+from autohdr.training.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers
+from autohdr.training import checkpoint as ckpt
+from autohdr.training.interrupts import StopRequest
 
-
-#: Key of the all-reduced stop request inside a DDP train step's reduced values (not logged).
-_STOP_KEY = "_stop_requested_any_rank"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a loss or gradient norm stops being finite; the run cannot recover."""
+__all__ = ["NonFiniteLossError", "Trainer", "TrainResult", "cosine_lr_factor"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +76,11 @@ def _steps_per_epoch(loader, cap: int | None) -> int | None:
 
 
 class Trainer:
-    """Stateful trainer: the model, the optimizer, the instrumentation and the run's files."""
+    """Stateful trainer: the model, the optimizer, the schedule, the checkpoints and the loop.
+
+    Every measurement goes through :class:`~autohdr.diagnosis.hooks.Instrumentation` (``self.hooks``),
+    the same hooks a hand-written loop calls; the trainer only decides when.
+    """
 
     def __init__(
         self,
@@ -103,6 +94,7 @@ class Trainer:
         ground_truth: Mapping[str, torch.Tensor] | None = None,
         dist_ctx: DistContext = SINGLE,
         log: Callable[[str], None] | None = None,
+        groups: Mapping[str, GroupMembers] | None = None,
     ) -> None:
         self.config = config
         self.spec = config.spec
@@ -111,18 +103,20 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.out_dir = Path(out_dir)
-        self.ground_truth = ground_truth
         self.dist = dist_ctx
-        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.core = unwrap_model(model)
-        self.groups = parameter_groups(self.core)
-        self.param_bounds = getattr(self.core, "param_bounds", DEFAULT_PARAM_BOUNDS)
-        self.trainable = [p for name, ps in self.groups.items() for p in ps
+        groups_of = parameter_groups(self.core, groups)
+        self.trainable = [p for name, ps in groups_of.items() for p in ps
                           if p.requires_grad and (self.spec.residual_active or name != "residual_head")]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters for stage " + config.stage)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr * self.spec.lr_scale,
                                            weight_decay=config.weight_decay)
+        self.hooks = Instrumentation(self.model, self.optimizer, self.out_dir, stage=config.stage, groups=groups,
+                                     config=InstrumentationConfig.from_train_config(config), loss_fn=self._loss,
+                                     ground_truth=ground_truth, device=self.device, dist=dist_ctx, log=log,
+                                     non_finite_hint=f"Lower the learning rate (lr={config.lr}) or check the inputs")
+        self.groups = self.hooks.groups
         self.steps_per_epoch = _steps_per_epoch(train_loader, config.max_steps_per_epoch)
         # A loader without len() (and no max_steps_per_epoch): the schedule's length is learnt from
         # the first epoch, which runs at the peak rate after warm-up.
@@ -135,23 +129,32 @@ class Trainer:
                               else torch.preserve_format)
         if self.memory_format is torch.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.epoch = 0
-        self.global_step = 0
-        self.best_score = -math.inf
-        self.best_epoch = -1
-        self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
-        self._probe: dict | None = None
-        self._tools: _StepTools | None = None
         self._stop = StopRequest(self.info, self.dist, self.device)  # installed by fit() only
         self._stop_any_rank: bool | None = None  # under DDP: the last step's all-reduced stop request
         # Where an interrupted epoch stands (saved in checkpoints): interrupted.pt resumes there.
         self._steps_done_in_epoch = 0
         self._epoch_complete = True
-        self._baselines: dict[str, float] | None = None
-        # One monitor for the whole run (its count spans epochs); saved in checkpoints for resume.
-        self._monitor = (ResidualInactivityMonitor(config.debug_residual_inactive_threshold_px,
-                                                   config.debug_residual_inactive_patience)
-                         if config.debug_instrumentation and self.spec.residual_active else None)
+
+    # ------------------------------------------------------------------ state kept by the hooks
+    @property
+    def global_step(self) -> int:
+        return self.hooks.global_step
+
+    @property
+    def epoch(self) -> int:
+        return self.hooks.epoch
+
+    @property
+    def best_score(self) -> float:
+        return self.hooks.best_score
+
+    @property
+    def best_epoch(self) -> int:
+        return self.hooks.best_epoch
+
+    @property
+    def metrics(self):
+        return self.hooks.metrics
 
     # ------------------------------------------------------------------ helpers
     def _lr_factor(self, step: int) -> float:
@@ -162,8 +165,7 @@ class Trainer:
         return cosine_lr_factor(step, total, cfg.warmup_steps, cfg.min_lr_ratio)
 
     def info(self, message: str) -> None:
-        if self.dist.is_main:
-            self._log(message)
+        self.hooks.info(message)
 
     def _autocast(self):
         if not self.amp_enabled:
@@ -177,25 +179,11 @@ class Trainer:
             final_grid=correction.warp.final_grid if self.spec.jacobian_term else None,
             residual_terms=self.spec.residual_terms, jacobian_term=self.spec.jacobian_term)
 
-    def _probe_batch(self) -> dict:
-        """The first ``debug_probe_max_samples`` validation samples, fixed for the whole run."""
-        if self._probe is None:
-            inputs, targets, ids = [], [], []
-            need = self.config.debug_probe_max_samples
-            for batch in self.val_loader:
-                inputs.append(batch["input_image"])
-                targets.append(batch["target_image"])
-                ids.extend(list(batch.get("image_id", [])))
-                if sum(x.shape[0] for x in inputs) >= need:
-                    break
-            if not inputs:
-                raise ValueError("the validation loader is empty; the probe needs at least one sample")
-            self._probe = {
-                "input_image": torch.cat(inputs)[:need].to(self.device),
-                "target_image": torch.cat(targets)[:need].to(self.device),
-                "image_id": ids[:need],
-            }
-        return self._probe
+    def probe_batch(self) -> dict:
+        """The fixed probe: the first ``debug_probe_max_samples`` validation samples."""
+        return self.hooks.probe_batch(self.val_loader)
+
+    _probe_batch = probe_batch
 
     def _checkpoint_payload(self) -> dict:
         payload = {
@@ -212,8 +200,7 @@ class Trainer:
             "stage": self.config.stage,
             "config": to_dict(self.config),
             "rng": torch.get_rng_state(),
-            "inactivity_monitor": ({"consecutive": self._monitor.consecutive, "fired": self._monitor.fired}
-                                   if self._monitor is not None else None),
+            "inactivity_monitor": self.hooks.state_dict()["inactivity_monitor"],
         }
         model_config = getattr(self.core, "config", None)
         if model_config is not None and hasattr(model_config, "__dataclass_fields__"):
@@ -225,107 +212,24 @@ class Trainer:
             return None
         return ckpt.save_atomic(self._checkpoint_payload(), self.out_dir / name)
 
-    # ------------------------------------------------------------------ checks before training
-    @torch.no_grad()
+    # ------------------------------------------------------------------ evaluation
     def init_check(self) -> dict:
         """Before any step: does the model predict the identity warp, with identity's proxy and loss?"""
-        probe = self._probe_batch()
-        was_training = self.core.training
-        self.core.eval()
-        try:
-            image, target = probe["input_image"], probe["target_image"]
-            correction = correct(self.core, image, self.spec.residual_active)
-            identity = identity_prediction(image)
-            model_loss, _ = self._loss(correction, target)
-            identity_loss, _ = composite_loss(identity.float(), target.float(),
-                                              weights=self.config.loss_weights, residual_flow_lowres=None,
-                                              final_grid=None, residual_terms=False, jacobian_term=False)
-            return {
-                "init_pred_max_abs_diff": float((correction.prediction - identity).abs().max()),
-                "init_proxy_total": proxy_score_batch(correction.prediction.float(), target.float())["total"],
-                "identity_proxy_total": proxy_score_batch(identity.float(), target.float())["total"],
-                "init_loss": float(model_loss),
-                "identity_loss": float(identity_loss),
-                "init_params_max_abs_dev": float((correction.params - correction.params.new_tensor(
-                    [0, 0, 0, 0, 0, 0, 0, 1.0])).abs().max()),
-            }
-        finally:
-            self.core.train(was_training)
+        self.probe_batch()
+        return self.hooks.init_check()
 
-    # ------------------------------------------------------------------ validation
-    @torch.no_grad()
     def validate(self) -> dict:
-        cfg = self.config
-        record: dict = {"kind": "val_epoch", "epoch": self.epoch, "step": self.global_step}
+        """The ``val_epoch`` figures of the model as it is now (not written, best not tracked)."""
+        self._sync_buffers()
+        return self.hooks.evaluate(self.val_loader)
 
-        def loss_fn(pred, target, correction):
-            total, _ = self._loss(correction, target)
-            return {"val_loss": total}
-
+    def _sync_buffers(self) -> None:
         if getattr(self.model, "broadcast_buffers", False):
             broadcast_buffers(self.core, self.dist)  # evaluate the model rank 0 saves, as DDP's next forward would
-        need_baselines = self._baselines is None
-        # A finite last training loss does not make the updated weights usable (a huge step can
-        # overflow the next forward): outputs are checked here so such a run stops with
-        # NonFiniteLossError instead of a ValueError deep inside the proxy.
-        used = ("params", "residual_flow_lowres") if self.spec.residual_active else ("params",)
-        # The unwrapped model: evaluation under no_grad needs none of DDP's collectives.
-        checked = _FiniteOutputs(self.core, used, self._fail_non_finite_outputs).train(self.model.training)
-        scores = score_subset(checked, self.val_loader, residual_active=self.spec.residual_active,
-                              device=self.device, ground_truth=self.ground_truth, loss_fn=loss_fn,
-                              with_baselines=need_baselines)
-        if need_baselines:
-            self._baselines = {f"identity_proxy_{k}": v for k, v in scores.identity.items()}
-            if scores.ground_truth is not None:
-                self._baselines.update({f"gt_proxy_{k}": v for k, v in scores.ground_truth.items()})
-        record.update({f"val_proxy_{k}": v for k, v in scores.model.items()})
-        record.update(self._baselines)
-        record["val_sample_count"] = scores.sample_count
-        record["val_loss"] = scores.loss_sums["val_loss"] / max(1, scores.sample_count)
-        if cfg.debug_instrumentation:
-            record.update(self._probe_metrics())
-        if self.dist.enabled:
-            record.update(self._rank_checksums(record))
-        return record
-
-    def _rank_checksums(self, record: dict) -> dict:
-        """Every rank's parameter (and probe prediction) checksum, gathered: ranks_in_sync judges them."""
-        mine = (record.get("param_checksum") or self.parameter_checksum(), record.get("probe_pred_checksum"))
-        gathered = gather_objects(mine, self.dist)
-        out = {"rank_param_checksums": [g[0] for g in gathered]}
-        if mine[1] is not None:
-            out["rank_probe_checksums"] = [g[1] for g in gathered]
-        return out
-
-    def _probe_metrics(self) -> dict:
-        probe = self._probe_batch()
-        decimals = self.config.debug_checksum_decimals
-        was_training = self.core.training
-        self.core.eval()
-        try:
-            correction = correct(self.core, probe["input_image"], self.spec.residual_active)
-            _, components = self._loss(correction, probe["target_image"])
-        finally:
-            self.core.train(was_training)
-        proxy = proxy_score_batch(correction.prediction.float(), probe["target_image"].float())
-        return {
-            "probe_pred_checksum": tensor_checksum(correction.prediction, decimals),
-            "probe_final_grid_checksum": tensor_checksum(correction.warp.final_grid.permute(0, 3, 1, 2), decimals),
-            "probe_params_checksum": tensor_checksum(correction.params, decimals + 1),
-            "probe_proxy_total_score": proxy["total"],
-            "probe_pixel": float(components["pixel"]),
-            "probe_ssim": float(components["ssim"]),
-            "probe_edge": float(components["edge"]),
-            "probe_sample_count": int(probe["input_image"].shape[0]),
-            "param_checksum": self.parameter_checksum(),
-        }
 
     def parameter_checksum(self) -> str:
-        """Digest of every parameter and floating-point buffer (batch-norm statistics), rounded like
-        the probe at two more decimals, to compare ranks and runs."""
-        tensors = [t for t in self.core.state_dict().values() if t.is_floating_point()]
-        flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
-        return tensor_checksum(flat, self.config.debug_checksum_decimals + 2)
+        """Digest of every parameter and floating-point buffer (see ``Instrumentation.parameter_checksum``)."""
+        return self.hooks.parameter_checksum()
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, resume_from: str | Path | None = None, init_from: str | Path | None = None) -> TrainResult:
@@ -338,67 +242,45 @@ class Trainer:
             self.info(f"initialized model weights from {init_from} (stage {state.get('stage')})")
         if resume_from is not None:
             start_epoch = self._resume(resume_from)
-            self.metrics.continue_from(self.global_step)
-        else:
-            self.metrics.start_fresh()
-        self.metrics.write({"kind": "run_start", "stage": cfg.stage, "residual_branch_active": self.spec.residual_active,
-                            "residual_terms": self.spec.residual_terms, "jacobian_term": self.spec.jacobian_term,
-                            "device": str(self.device), "world_size": self.dist.world_size,
-                            "amp": self.amp_enabled, "resumed_from": str(resume_from) if resume_from else None,
-                            "init_from": str(init_from) if init_from else None,
-                            "start_epoch": start_epoch, "config": to_dict(cfg),
-                            "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad)
-                                                 for n, ps in self.groups.items()}})
-        if resume_from is None:
-            init = self.init_check()
-            init.update({"kind": "init", "from_checkpoint": init_from is not None})
-            self.metrics.write(init)
-        self._tools = None  # the delta tracker must start from the weights loaded above
-        perf = _PerfTotals(cfg.debug_perf_warmup_steps)
+        self.hooks.on_train_start(self.val_loader, resume_step=self.global_step if resume_from is not None else None,
+                                  info={"amp": self.amp_enabled,
+                                        "resumed_from": str(resume_from) if resume_from else None,
+                                        "init_from": str(init_from) if init_from else None,
+                                        "start_epoch": start_epoch, "config": to_dict(cfg)})
         interrupted = False
         with StopRequest(self.info, self.dist, self.device) as self._stop:
             try:
                 for epoch in range(start_epoch, cfg.epochs):
-                    self._run_epoch(epoch, perf)
+                    self._run_epoch(epoch)
                     self._stop.check()
             except KeyboardInterrupt:
                 interrupted = True
                 path = self.save("interrupted.pt")
-                self.metrics.write({"kind": "interrupted", "epoch": self.epoch, "step": self.global_step})
+                self.hooks.write({"kind": "interrupted", "epoch": self.epoch, "step": self.global_step})
                 self.info(f"interrupted: state saved to {path}")
             finally:
-                summary = perf.summary()
-                self.metrics.write({"kind": "run_end", "epoch": self.epoch, "step": self.global_step,
-                                    "best_val_proxy_total": self.best_score, "best_epoch": self.best_epoch,
-                                    "interrupted": interrupted, **summary})
-                self.metrics.close()
+                summary = self.hooks.on_train_end(interrupted=interrupted)
         return TrainResult(self.out_dir, self.out_dir / "metrics.jsonl", self.best_score, self.best_epoch,
                            self.epoch + (0 if interrupted else 1), self.global_step,
                            summary.get("samples_per_sec"), interrupted)
 
-    def _run_epoch(self, epoch: int, perf: "_PerfTotals") -> None:
+    def _run_epoch(self, epoch: int) -> None:
         """Train one epoch (from where an interrupted one stopped), validate, checkpoint, log."""
-        cfg = self.config
-        self.epoch = epoch
         self._epoch_complete = False
-        self._train_epoch(perf)
-        record = self.validate()
-        score = record["val_proxy_total"]
-        improved = score > self.best_score
-        if improved:
-            self.best_score, self.best_epoch = score, epoch
-        record.update({"best_val_proxy_total": self.best_score, "is_best": improved})
-        self.metrics.write(record)
+        self.hooks.on_train_epoch_start(epoch)
+        self._train_epoch()
+        self._sync_buffers()
+        record = self.hooks.on_validation(self.val_loader)
         if self.schedule_total_steps is None:
             self._learn_schedule_length(self._steps_done_in_epoch)
         self._epoch_complete, self._steps_done_in_epoch = True, 0
         self.save("last.pt")
-        if improved:
+        if record["is_best"]:
             self.save("best.pt")
-        self.info(f"epoch {epoch + 1}/{cfg.epochs}: val proxy {score:.5f} "
+        self.info(f"epoch {epoch + 1}/{self.config.epochs}: val proxy {record['val_proxy_total']:.5f} "
                   f"(identity {record.get('identity_proxy_total', float('nan')):.5f}) "
-                  f"val loss {record['val_loss']:.5f}" + ("  [best]" if improved else ""))
-        self.metrics.write({"kind": "epoch_end", "epoch": epoch, "step": self.global_step, **perf.summary()})
+                  f"val loss {record['val_loss']:.5f}" + ("  [best]" if record["is_best"] else ""))
+        self.hooks.on_train_epoch_end()
 
     def _learn_schedule_length(self, steps_in_first_epoch: int) -> None:
         """A loader without len(): size the cosine schedule from the first epoch and apply it now."""
@@ -413,17 +295,10 @@ class Trainer:
         ckpt.load_model_weights(self.core, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.global_step = int(state["global_step"])
         if state.get("schedule_total_steps") is not None:
             self.schedule_total_steps = int(state["schedule_total_steps"])
-        self.best_score = float(state["best_score"])
-        self.best_epoch = int(state.get("best_epoch", -1))
         torch.set_rng_state(state["rng"])
-        monitor_state = state.get("inactivity_monitor")
-        if self._monitor is not None and monitor_state is not None:
-            self._monitor.consecutive = int(monitor_state["consecutive"])
-            self._monitor.fired = int(monitor_state["fired"])
-        self.epoch = int(state["epoch"])
+        self.hooks.load_state_dict(state)
         if not state.get("epoch_complete", True):  # interrupted.pt: finish that epoch from its next batch
             done = self._steps_done_in_epoch = int(state.get("steps_done_in_epoch", 0))
             self.info(f"resumed from {path} in epoch {self.epoch + 1} after {done} of its steps")
@@ -431,11 +306,10 @@ class Trainer:
         self.info(f"resumed from {path} after epoch {self.epoch + 1}")
         return self.epoch + 1
 
-    def _train_epoch(self, perf: "_PerfTotals") -> None:
+    def _train_epoch(self) -> None:
         cfg = self.config
         self.model.train()
         _set_epoch(self.train_loader, self.epoch)
-        timer = self._step_tools().timer
         progress = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
                              cfg.progress and self.dist.is_main)
         iterator = iter(self.train_loader)
@@ -445,15 +319,12 @@ class Trainer:
         if progress is not None and self._steps_done_in_epoch:
             progress.update(self._steps_done_in_epoch)
         while cfg.max_steps_per_epoch is None or self._steps_done_in_epoch < cfg.max_steps_per_epoch:
-            timer.start()
-            wall_start = time.perf_counter()
             try:
                 batch = next(iterator)
             except StopIteration:
                 break
-            record, wall_ms = self._step_on(batch, wall_start)
+            record = self._step_on(batch)
             self._steps_done_in_epoch += 1
-            perf.add(record["batch_size_global"], wall_ms, timer.phases)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -471,220 +342,59 @@ class Trainer:
         to ``metrics.jsonl`` while a run is open. ``data_time_ms`` then covers only the copy.
         """
         self.model.train()
-        self._step_tools().timer.start()
-        record, _ = self._step_on(batch, time.perf_counter())
-        return record
+        self.hooks.on_train_epoch_start(self.epoch)
+        return self._step_on(batch)
 
-    def _step_tools(self) -> "_StepTools":
-        """Timer and parameter-delta tracker, made once and kept for the run."""
-        if self._tools is None:
-            cfg = self.config
-            instrument = cfg.debug_instrumentation
-            self._tools = _StepTools(
-                timer=StepTimer(self.device, enabled=cfg.debug_perf_enabled or instrument),
-                tracker=ParamDeltaTracker(self.groups) if instrument else None)
-        return self._tools
-
-    def _step_on(self, batch: Mapping, wall_start: float) -> tuple[dict, float]:
-        """Copy, step, perf fields, ``global_step`` and the metrics write; the timer is already started."""
-        tools = self._step_tools()
+    def _step_on(self, batch: Mapping) -> dict:
+        """One step: copy, forward, backward, clip, optimizer, schedule, with the hooks in between."""
+        cfg, hooks = self.config, self.hooks
         image = batch["input_image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
         target = batch["target_image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
-        tools.timer.mark("data")
-        record = self._train_step(image, target, tools.timer, tools.tracker, self._monitor)
-        self.global_step += 1
-        wall_ms = (time.perf_counter() - wall_start) * 1000.0
-        if self.config.debug_perf_enabled:
-            record.update(self._perf_fields(tools.timer.phases, wall_ms, image.shape[0]))
-        self.metrics.write(record)
-        return record, wall_ms
-
-    def _train_step(self, image, target, timer: StepTimer, tracker, monitor) -> dict:
-        cfg = self.config
-        instrument = cfg.debug_instrumentation
+        hooks.on_train_batch_start()
         with self._autocast():
             correction = correct(self.model, image, self.spec.residual_active)
             total, components = self._loss(correction, target)
-        timer.mark("forward")
+        hooks.on_after_forward()
         if not torch.isfinite(total):
-            self._fail_non_finite("loss", float(total.detach()), components)
+            hooks.fail_non_finite("loss", float(total.detach()), components)
         if not total.requires_grad:
             raise ValueError(
                 f"the {self.spec.name} loss does not depend on any trainable parameter (it has no grad_fn): "
                 f"is the model's output detached, or are all its parameters frozen?")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        timer.mark("backward")
-        tensors: dict[str, torch.Tensor] = {"loss": total.detach()}
-        tensors.update(components)
         if self.dist.enabled:
-            # One all-reduce: the global batch's mean loss and components, and whether any rank was
-            # asked to stop (so every rank stops after the same step without a collective of its own).
-            names = list(tensors) + [_STOP_KEY]
-            local = [tensors[n].detach().float().reshape(()) for n in names[:-1]]
-            local.append(torch.tensor(float(self._stop.requested_here), device=self.device))
-            tensors = dict(zip(names, all_reduce_mean(torch.stack(local), self.dist).unbind()))
-        if instrument:
-            # Read after backward, i.e. after DDP's all-reduce: the same on every rank.
-            for name, value in grad_norms(self.groups).items():
-                tensors[f"grad_norm_{name}"] = value.detach().float()
-            timer.mark("instrumentation")
+            total, components = self._all_reduce(total.detach(), components)
+        hooks.on_after_backward()
         grad_total = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip_norm)
         if not torch.isfinite(grad_total):
-            self._fail_non_finite("gradient norm", float(grad_total), components)
-        tensors["grad_norm_total"] = grad_total.detach()
+            hooks.fail_non_finite("gradient norm", float(grad_total), components)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
         self.optimizer.step()
         self.scheduler.step()
-        timer.mark("optim_step")
-        if instrument:
-            for name, value in tracker.measure().items():
-                tensors[f"param_delta_{name}"] = value
-            with torch.no_grad():
-                warp = correction.warp
-                fused = warp.final_grid is not warp.param_grid  # fuse_grid returns the parametric grid alone
-                tensors.update(grid_statistics(warp.param_grid.detach().float(),
-                                               warp.final_grid.detach().float() if fused else None))
-                tensors["params_at_bound_frac"] = params_at_bound_fraction(correction.params.detach().float(),
-                                                                           self.param_bounds)
-                if correction.residual_flow_lowres is not None:
-                    tensors["residual_flow_abs_mean_px"] = correction.residual_flow_lowres.detach().abs().mean()
-        names = list(tensors)
-        values = torch.stack([tensors[n].detach().to(self.device, torch.float64).reshape(())
-                              for n in names]).cpu().tolist()
-        # "step" counts optimizer steps including this one, like val_epoch / epoch_end records and
-        # MetricsWriter.continue_from(global_step) expect.
-        record = {"kind": "train_step", "epoch": self.epoch, "step": self.global_step + 1,
-                  "lr": lr, "batch_size": int(image.shape[0]),
-                  "batch_size_global": int(image.shape[0]) * self.dist.world_size,
-                  "residual_branch_active": self.spec.residual_active}
-        record.update(zip(names, values))
-        if _STOP_KEY in record:
-            self._stop_any_rank = record.pop(_STOP_KEY) > 0
-        record["grad_clipped"] = bool(record["grad_norm_total"] > cfg.grad_clip_norm)
-        if instrument:
-            self._residual_flags(record, monitor)
-            timer.mark("instrumentation")
-        return record
+        return hooks.on_train_batch_end(total, correction, components=components, batch_size=int(image.shape[0]),
+                                        lr=lr, grad_norm_total=grad_total, clip_norm=cfg.grad_clip_norm)
 
-    def _residual_flags(self, record: dict, monitor: ResidualInactivityMonitor | None) -> None:
-        """Zero-gradient / zero-delta flags and the inactivity warning, aware of the stage."""
-        if not self.spec.residual_active:
-            # The stage switches the branch off: report it as off, not as a failure.
-            record["residual_head_grad_is_zero"] = None
-            record["residual_head_param_delta_is_zero"] = None
-            return
-        record["residual_head_grad_is_zero"] = record["grad_norm_residual_head"] == 0.0
-        record["residual_head_param_delta_is_zero"] = record["param_delta_residual_head"] == 0.0
-        if monitor is not None and monitor.update(record["residual_contrib_px_mean"]):
-            message = (f"residual branch inactive: contribution below "
-                       f"{monitor.threshold_px} px for {monitor.patience} consecutive steps "
-                       f"(warning #{monitor.fired})")
-            self.metrics.write({"kind": "warning", "name": "residual_inactive", "epoch": self.epoch,
-                                "step": record["step"], "message": message,
-                                "residual_contrib_px_mean": record["residual_contrib_px_mean"]})
-            self.info("WARNING " + message)
-
-    def _perf_fields(self, phases: dict[str, float], wall_ms: float, batch: int) -> dict:
-        fields = {
-            "data_time_ms": phases.get("data", 0.0),
-            "timing_forward_ms": phases.get("forward", 0.0),
-            "timing_backward_ms": phases.get("backward", 0.0),
-            "timing_optim_step_ms": phases.get("optim_step", 0.0),
-            "instrumentation_ms": phases.get("instrumentation", 0.0),
-            "batch_time_ms": wall_ms,
-            "samples_per_sec": batch * self.dist.world_size / (wall_ms / 1000.0),
-        }
-        fields["unaccounted_ms"] = wall_ms - sum(phases.values())
-        fields.update(cuda_memory_mb(self.device))
-        return fields
-
-    def _fail_non_finite(self, what: str, value: float, components: dict, step: int | None = None) -> None:
-        step = self.global_step + 1 if step is None else step
-        finite = {k: float(v) for k, v in components.items()}
-        bad = sorted(k for k, v in finite.items() if not math.isfinite(v))
-        detail = f"; non-finite components: {bad or 'none'}" if components else ""
-        message = (f"non-finite {what} ({value}) at epoch {self.epoch + 1}, step {step}{detail}. "
-                   f"Lower the learning rate (lr={self.config.lr}) or check the inputs.")
-        self.metrics.write({"kind": "error", "name": "non_finite", "epoch": self.epoch,
-                            "step": step, "message": message, **finite})
-        raise NonFiniteLossError(message)
-
-    def _fail_non_finite_outputs(self, names: list[str]) -> None:
-        self._fail_non_finite(f"model outputs in validation after the update: {', '.join(names)}",
-                              math.nan, {}, step=self.global_step)
+    def _all_reduce(self, total: torch.Tensor, components: dict) -> tuple[torch.Tensor, dict]:
+        """One all-reduce: the global batch's mean loss and components, and whether any rank was asked
+        to stop (so every rank stops after the same step without a collective of its own)."""
+        names = list(components)
+        local = [total.float().reshape(())] + [components[n].detach().float().reshape(()) for n in names]
+        local.append(torch.tensor(float(self._stop.requested_here), device=self.device))
+        reduced = all_reduce_mean(torch.stack(local), self.dist)
+        self._stop_any_rank = bool(reduced[-1] > 0)
+        return reduced[0], dict(zip(names, reduced[1:-1].unbind()))
 
     def _log_line(self, r: dict) -> str:
         parts = [f"epoch {self.epoch + 1} step {self.global_step}", f"loss {r['loss']:.5f}", f"lr {r['lr']:.2e}"]
-        if "grad_norm_backbone" in r:
-            parts.append("grad " + " ".join(f"{g[:2]}={r[f'grad_norm_{g}']:.3g}" for g in GROUP_NAMES))
+        norms = [f"{g[:2]}={r[f'grad_norm_{g}']:.3g}" for g in GROUP_NAMES if f"grad_norm_{g}" in r]
+        if norms:
+            parts.append("grad " + " ".join(norms))
+        if "residual_contrib_px_mean" in r:
             parts.append(f"residual {r['residual_contrib_px_mean']:.3f}px")
         if "samples_per_sec" in r:
             parts.append(f"{r['samples_per_sec']:.1f} samples/s (data {r['data_time_ms']:.1f} ms)")
         return " | ".join(parts)
-
-
-class _FiniteOutputs(nn.Module):
-    """Runs ``model`` unchanged and calls ``on_fail(names)`` when one of the outputs ``names`` it
-    returns is not finite (one device-wide check per output and batch)."""
-
-    def __init__(self, model: nn.Module, names: tuple[str, ...], on_fail: Callable[[list[str]], None]) -> None:
-        super().__init__()
-        self.model = model
-        self._names = names
-        self._on_fail = on_fail
-
-    def forward(self, image: torch.Tensor):
-        outputs = self.model(image)
-        if isinstance(outputs, Mapping):
-            bad = [name for name in self._names
-                   if isinstance(outputs.get(name), torch.Tensor) and not bool(torch.isfinite(outputs[name]).all())]
-            if bad:
-                self._on_fail(bad)
-        return outputs
-
-
-@dataclass
-class _StepTools:
-    timer: StepTimer
-    tracker: ParamDeltaTracker | None
-
-
-class _PerfTotals:
-    """Run-level throughput: samples over wall time after ``warmup`` steps, warm-up reported apart."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.steps = 0
-        self.samples = 0
-        self.wall_ms = 0.0
-        self.warm_samples = 0
-        self.warm_wall_ms = 0.0
-        self.phases: dict[str, float] = {}
-
-    def add(self, samples: int, wall_ms: float, phases: dict[str, float]) -> None:
-        self.steps += 1
-        if self.steps <= self.warmup:
-            self.warm_samples += samples
-            self.warm_wall_ms += wall_ms
-            return
-        self.samples += samples
-        self.wall_ms += wall_ms
-        for key, value in phases.items():
-            self.phases[key] = self.phases.get(key, 0.0) + value
-
-    def summary(self) -> dict:
-        out: dict = {"steps": self.steps, "warmup_steps": min(self.steps, self.warmup),
-                     "warmup_wall_ms": self.warm_wall_ms}
-        if self.wall_ms > 0:
-            measured = self.steps - min(self.steps, self.warmup)
-            out["samples_per_sec"] = self.samples / (self.wall_ms / 1000.0)
-            out["step_time_ms_mean"] = self.wall_ms / measured
-            for key, value in self.phases.items():
-                out[f"{key}_ms_mean"] = value / measured
-            if "instrumentation" in self.phases:
-                out["instrumentation_overhead_frac"] = self.phases["instrumentation"] / self.wall_ms
-        return out
 
 
 def _progress(total: int | None, desc: str, enabled: bool):

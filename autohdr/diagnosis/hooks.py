@@ -1,0 +1,604 @@
+"""The runbook's instrumentation as hooks any PyTorch training loop can call.
+
+autohdr's own :class:`~autohdr.training.trainer.Trainer` calls exactly these hooks; a
+hand-written loop calls them at the same points and gets the same ``metrics.jsonl``, so
+``autohdr judge RUN`` gives the same verdicts::
+
+    hooks = Instrumentation(model, optimizer, "runs/mine", stage="stage2_hybrid",
+                            groups={"backbone": "net.encoder", "param_head": "net.head"})
+    hooks.on_train_start(val_loader)                  # run_start + the identity-at-init check
+    for epoch in range(epochs):
+        hooks.on_train_epoch_start(epoch)
+        for batch in train_loader:
+            hooks.on_train_batch_start()              # data time ends here
+            correction = correct(model, batch["input_image"], residual_active=True)
+            loss, parts = composite_loss(correction.prediction, batch["target_image"], ...)
+            optimizer.zero_grad(); loss.backward()
+            hooks.on_after_backward()                 # gradient norms per group, before clipping
+            optimizer.step()
+            hooks.on_train_batch_end(loss, correction, components=parts, batch_size=len(batch["input_image"]))
+        hooks.on_validation(val_loader)               # val proxy, baselines, the fixed probe
+        hooks.on_train_epoch_end()
+    hooks.on_train_end()
+
+Where each figure is taken (one host read per step, after the optimizer)::
+
+    [data] -> forward -> backward -> [grad norms] -> clip -> optimizer -> [param deltas, geometry]
+
+The hooks own the run's step and epoch counters and the metrics file; the loop owns the model,
+the optimizer, the schedule and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from autohdr.diagnosis.checksum import tensor_checksum
+from autohdr.diagnosis.instrumentation import (
+    GROUP_NAMES, GroupMembers, ParamDeltaTracker, ResidualInactivityMonitor, StepTimer, cuda_memory_mb,
+    grad_norms, group_summary, params_at_bound_fraction, parameter_groups, unwrap_model,
+)
+from autohdr.diagnosis.metrics_log import MetricsWriter
+from autohdr.lens.evaluation import Correction, correct, score_subset
+from autohdr.lens.geometry import WarpResult, apply_correction, grid_statistics, identity_params
+from autohdr.lens.losses import LossWeights, composite_loss
+from autohdr.lens.model import DEFAULT_PARAM_BOUNDS
+from autohdr.lens.proxy import proxy_score_batch
+from autohdr.training.config import StageSpec, stage_spec
+from autohdr.training.distributed import SINGLE, DistContext, gather_objects
+
+#: ``loss_fn(correction, target) -> (total (0-d), {component: 0-d tensor})``
+LossFn = Callable[[Correction, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+IDENTITY_PARAMS: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss, gradient norm or model output stops being finite; the run cannot recover."""
+
+
+@dataclass(frozen=True)
+class InstrumentationConfig:
+    """What the hooks measure. ``TrainConfig``'s ``debug_*`` fields map onto these one to one."""
+
+    instrument: bool = True                      # grad norms, deltas, geometry, probe, checksums
+    perf: bool = True                            # per-step timings and throughput
+    perf_warmup_steps: int = 3                   # steps excluded from the run's samples/sec
+    residual_inactive_threshold_px: float = 0.05  # residual contribution below this is "inactive"
+    residual_inactive_patience: int = 20         # consecutive inactive steps before a warning
+    probe_max_samples: int = 4                   # the fixed probe: the first N validation samples
+    checksum_decimals: int = 4                   # checksums round to this many decimals first
+
+    @classmethod
+    def from_train_config(cls, cfg: Any) -> "InstrumentationConfig":
+        return cls(instrument=cfg.debug_instrumentation, perf=cfg.debug_perf_enabled,
+                   perf_warmup_steps=cfg.debug_perf_warmup_steps,
+                   residual_inactive_threshold_px=cfg.debug_residual_inactive_threshold_px,
+                   residual_inactive_patience=cfg.debug_residual_inactive_patience,
+                   probe_max_samples=cfg.debug_probe_max_samples, checksum_decimals=cfg.debug_checksum_decimals)
+
+
+def default_loss_fn(spec: StageSpec, weights: LossWeights | None = None) -> LossFn:
+    """autohdr's composite loss for ``spec``'s stage (the trainer's loss, with default weights)."""
+    weights = weights or LossWeights()
+
+    def loss_fn(correction: Correction, target: torch.Tensor):
+        return composite_loss(correction.prediction.float(), target.float(), weights=weights,
+                              residual_flow_lowres=correction.residual_flow_lowres,
+                              final_grid=correction.warp.final_grid if spec.jacobian_term else None,
+                              residual_terms=spec.residual_terms, jacobian_term=spec.jacobian_term)
+    return loss_fn
+
+
+class Instrumentation:
+    """Stateful hooks that write the runbook's metrics for any training loop.
+
+    Args:
+        model: returns ``{"params": (B, 8)}`` and optionally ``"residual_flow_lowres": (B, 2, h, w)``
+            (a DDP / DataParallel wrapper is unwrapped).
+        optimizer: used to check that the optimized parameters are the ones that get gradients.
+        out_dir: the run folder; ``metrics.jsonl`` is written there (rank 0 only).
+        stage: ``stage1_param_only`` (residual off), ``stage2_hybrid`` or ``stage3_finetune``.
+        groups: group name -> module prefix(es) or parameters; default: the model's
+            ``parameter_groups()`` method, else submodules named ``backbone`` / ``param_head`` /
+            ``residual_head``. A group left empty is reported as not judged, never as bad.
+        config: what to measure (:class:`InstrumentationConfig`).
+        loss_fn: ``(correction, target) -> (total, components)``, used for the init check and the
+            validation loss; default autohdr's composite loss for ``stage``.
+        param_bounds: 8 ``(lo, hi)`` pairs for the saturation figure; default the model's
+            ``param_bounds`` attribute, else autohdr's defaults (with a notice).
+        ground_truth: ``image_id -> (8,)`` parameters, to score the ground-truth warp as a baseline.
+        device: where probes and validation run (default: the model's).
+        dist: the torchrun context; only rank 0 writes.
+        log: one-line messages (default: stderr).
+        non_finite_hint: what the error says to do when a loss or output stops being finite.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, out_dir: str | Path, *,
+                 stage: str = "stage2_hybrid", groups: Mapping[str, GroupMembers] | None = None,
+                 config: InstrumentationConfig | None = None, loss_fn: LossFn | None = None,
+                 param_bounds=None, ground_truth: Mapping[str, torch.Tensor] | None = None,
+                 device: torch.device | str | None = None, dist: DistContext = SINGLE,
+                 log: Callable[[str], None] | None = None,
+                 non_finite_hint: str = "Lower the learning rate or check the inputs") -> None:
+        self.model = model
+        self.non_finite_hint = non_finite_hint
+        self.core = unwrap_model(model)
+        self.optimizer = optimizer
+        self.spec = stage_spec(stage)
+        self.config = config or InstrumentationConfig()
+        self.loss_fn = loss_fn or default_loss_fn(self.spec)
+        self.ground_truth = ground_truth
+        self.dist = dist
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        first = next(self.core.parameters(), None)
+        self.device = torch.device(device) if device is not None else (
+            first.device if first is not None else torch.device("cpu"))
+        self.groups = parameter_groups(self.core, groups)
+        self.notices: list[str] = []
+        for name in GROUP_NAMES:
+            if not self.groups[name] and (name != "residual_head" or self.spec.residual_active):
+                self.notices.append(
+                    f"no parameters in group {name!r}: its signals are not judged; name its modules with "
+                    f"--groups {name}=MODULE.PATH (Python: groups={{'{name}': 'module.path'}}) or give the model "
+                    f"a parameter_groups() method")
+        self.param_bounds = param_bounds or getattr(self.core, "param_bounds", None)
+        if self.param_bounds is None:
+            self.param_bounds = DEFAULT_PARAM_BOUNDS
+            self.notices.append("the model has no param_bounds attribute: params_at_bound_frac uses autohdr's "
+                                "default bounds")
+        self.metrics = MetricsWriter(Path(out_dir) / "metrics.jsonl", enabled=dist.is_main)
+        self.epoch = 0
+        self.global_step = 0
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self._timer = StepTimer(self.device, enabled=self.config.perf or self.config.instrument)
+        self._tracker: ParamDeltaTracker | None = None
+        self._measured = {n: ps for n, ps in self.groups.items() if ps}
+        self._monitor = (ResidualInactivityMonitor(self.config.residual_inactive_threshold_px,
+                                                   self.config.residual_inactive_patience)
+                         if self.config.instrument and self.spec.residual_active else None)
+        self._grad_tensors: dict[str, torch.Tensor] = {}
+        self._probe: dict | None = None
+        self._baselines: dict[str, float] | None = None
+        self.perf = PerfTotals(self.config.perf_warmup_steps)
+        self._step_wall_start: float | None = None
+        self._epoch_started = False
+
+    # ------------------------------------------------------------------ messages
+    def info(self, message: str) -> None:
+        if self.dist.is_main:
+            self._log(message)
+
+    def write(self, record: dict) -> None:
+        """Write one record (any ``kind``) to ``metrics.jsonl``."""
+        self.metrics.write(record)
+
+    # ------------------------------------------------------------------ run
+    def on_train_start(self, val_batches: Iterable[Mapping] | None = None, *, resume_step: int | None = None,
+                       check_init: bool = True, info: Mapping[str, Any] | None = None) -> None:
+        """Open ``metrics.jsonl`` (fresh, or kept up to ``resume_step``), write ``run_start`` and,
+        unless resuming, the ``init`` record: does the untrained model predict the identity warp?
+
+        ``val_batches`` gives the fixed probe (its first ``probe_max_samples`` samples).
+        """
+        if val_batches is not None:
+            self.probe_batch(val_batches)
+        if resume_step is not None:
+            self.global_step = resume_step
+            self.metrics.continue_from(resume_step)
+        else:
+            self.metrics.start_fresh()
+        record = {"kind": "run_start", "stage": self.spec.name, "residual_branch_active": self.spec.residual_active,
+                  "residual_terms": self.spec.residual_terms, "jacobian_term": self.spec.jacobian_term,
+                  "device": str(self.device), "world_size": self.dist.world_size,
+                  "parameter_groups": group_summary(self.groups), "notices": list(self.notices),
+                  "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad) for n, ps in self.groups.items()}}
+        record.update(info or {})
+        self.write(record)
+        for notice in self.notices:
+            self.info("notice: " + notice)
+        if resume_step is None and check_init and self._probe is not None:
+            init = self.init_check()
+            init.update({"kind": "init", "from_checkpoint": bool((info or {}).get("init_from"))})
+            self.write(init)
+        self._tracker = None  # deltas start from the weights as they are now (after any loading)
+
+    def on_train_end(self, *, interrupted: bool = False, **fields: Any) -> dict:
+        """Write ``run_end`` (throughput summary, best score) and close the file; returns the summary."""
+        summary = self.perf.summary()
+        self.write({"kind": "run_end", "epoch": self.epoch, "step": self.global_step,
+                    "best_val_proxy_total": self.best_score, "best_epoch": self.best_epoch,
+                    "interrupted": interrupted, **fields, **summary})
+        self.metrics.close()
+        return summary
+
+    # ------------------------------------------------------------------ epochs
+    def on_train_epoch_start(self, epoch: int | None = None) -> None:
+        """Mark the epoch (default: 0, then the one after the last) and start timing the data wait."""
+        if epoch is None:
+            epoch = self.epoch + 1 if self._epoch_started else 0
+        self.epoch, self._epoch_started = epoch, True
+        self._timer.start()
+        self._step_wall_start = _now()
+
+    def on_train_epoch_end(self) -> None:
+        """Write ``epoch_end`` with the throughput so far (the epoch stays current until the next starts)."""
+        self.write({"kind": "epoch_end", "epoch": self.epoch, "step": self.global_step, **self.perf.summary()})
+
+    # ------------------------------------------------------------------ steps
+    def on_train_batch_start(self) -> None:
+        """The batch is on the device: the time since the last step ended was data time."""
+        if self._step_wall_start is None:  # no epoch start (a loop that steps by hand)
+            self.on_train_epoch_start()
+        self._timer.mark("data")
+        if self.config.instrument and self._tracker is None:
+            self._tracker = ParamDeltaTracker(self._measured)
+
+    def on_after_forward(self) -> None:
+        """Optional: splits forward from backward time (otherwise both count as backward)."""
+        self._timer.mark("forward")
+
+    def on_after_backward(self) -> None:
+        """Gradient norms per group, read here: after backward (and DDP's all-reduce), before clipping."""
+        self._timer.mark("backward")
+        self._grad_tensors = {}
+        if self.config.instrument:
+            for name, value in grad_norms(self._measured).items():
+                self._grad_tensors[f"grad_norm_{name}"] = value.detach().float()
+            self._timer.mark("instrumentation")
+
+    def on_train_batch_end(self, loss: torch.Tensor, correction: Correction | None = None, *,
+                           components: Mapping[str, torch.Tensor] | None = None, batch_size: int | None = None,
+                           lr: float | None = None, grad_norm_total: torch.Tensor | None = None,
+                           clip_norm: float | None = None) -> dict:
+        """After the optimizer step: parameter deltas, geometry, flags; writes the ``train_step`` record.
+
+        Args:
+            loss: the step's total loss (0-d; already averaged over ranks under DDP).
+            correction: the step's :class:`~autohdr.lens.evaluation.Correction` (geometry figures).
+            components: loss components, raw and ``*_weighted`` (0-d tensors).
+            batch_size: samples in this rank's batch (default: from ``correction``).
+            lr: the learning rate this step used (default: the optimizer's first group's).
+            grad_norm_total: the norm ``clip_grad_norm_`` returned (default: from the group norms).
+            clip_norm: the clip threshold, for ``grad_clipped``.
+
+        Returns the record (plain floats), as written.
+        """
+        self._timer.mark("optim_step")
+        tensors: dict[str, torch.Tensor] = {"loss": loss.detach()}
+        tensors.update({k: v for k, v in (components or {}).items()})
+        tensors.update(self._grad_tensors)
+        if grad_norm_total is None and self._grad_tensors:
+            grad_norm_total = torch.stack(list(self._grad_tensors.values())).square().sum().sqrt()
+        if grad_norm_total is not None:
+            tensors["grad_norm_total"] = grad_norm_total.detach()
+        if self.config.instrument:
+            tracker = self._tracker or ParamDeltaTracker(self._measured)
+            self._tracker = tracker
+            for name, value in tracker.measure().items():
+                tensors[f"param_delta_{name}"] = value
+            if correction is not None:
+                tensors.update(self._geometry(correction))
+        names = list(tensors)
+        values = torch.stack([tensors[n].detach().to(self.device, torch.float64).reshape(())
+                              for n in names]).cpu().tolist() if names else []
+        if batch_size is None:
+            batch_size = int(correction.params.shape[0]) if correction is not None else 0
+        if lr is None and self.optimizer is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+        self.global_step += 1
+        record = {"kind": "train_step", "epoch": self.epoch, "step": self.global_step, "lr": lr,
+                  "batch_size": int(batch_size), "batch_size_global": int(batch_size) * self.dist.world_size,
+                  "residual_branch_active": self.spec.residual_active}
+        record.update(zip(names, values))
+        if "grad_norm_total" in record:
+            record["grad_clipped"] = bool(clip_norm is not None and record["grad_norm_total"] > clip_norm)
+        if self.config.instrument:
+            self._residual_flags(record)
+            self._timer.mark("instrumentation")
+        wall_ms = (_now() - (self._step_wall_start or _now())) * 1000.0
+        phases = self._timer.phases
+        if self.config.perf:
+            record.update(self._perf_fields(phases, wall_ms, int(batch_size)))
+        self.perf.add(record["batch_size_global"], wall_ms, phases)
+        self.write(record)
+        self._timer.start()
+        self._step_wall_start = _now()
+        return record
+
+    def _geometry(self, correction: Correction) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            warp = correction.warp
+            fused = warp.final_grid is not warp.param_grid  # fuse_grid returns the parametric grid alone
+            stats = grid_statistics(warp.param_grid.detach().float(),
+                                    warp.final_grid.detach().float() if fused else None)
+            stats["params_at_bound_frac"] = params_at_bound_fraction(correction.params.detach().float(),
+                                                                     self.param_bounds)
+            if correction.residual_flow_lowres is not None:
+                stats["residual_flow_abs_mean_px"] = correction.residual_flow_lowres.detach().abs().mean()
+        return stats
+
+    def _residual_flags(self, record: dict) -> None:
+        """Zero-gradient / zero-delta flags and the inactivity warning, aware of the stage."""
+        if not self.spec.residual_active or "grad_norm_residual_head" not in record:
+            # The stage switches the branch off (or no residual group was named): not a failure.
+            record["residual_head_grad_is_zero"] = None
+            record["residual_head_param_delta_is_zero"] = None
+        else:
+            record["residual_head_grad_is_zero"] = record["grad_norm_residual_head"] == 0.0
+            record["residual_head_param_delta_is_zero"] = record["param_delta_residual_head"] == 0.0
+        monitor = self._monitor
+        if monitor is not None and "residual_contrib_px_mean" in record and monitor.update(record["residual_contrib_px_mean"]):
+            message = (f"residual branch inactive: contribution below {monitor.threshold_px} px for "
+                       f"{monitor.patience} consecutive steps (warning #{monitor.fired})")
+            self.write({"kind": "warning", "name": "residual_inactive", "epoch": self.epoch,
+                        "step": record["step"], "message": message,
+                        "residual_contrib_px_mean": record["residual_contrib_px_mean"]})
+            self.info("WARNING " + message)
+
+    def _perf_fields(self, phases: dict[str, float], wall_ms: float, batch: int) -> dict:
+        fields = {
+            "data_time_ms": phases.get("data", 0.0),
+            "timing_forward_ms": phases.get("forward", 0.0),
+            "timing_backward_ms": phases.get("backward", 0.0),
+            "timing_optim_step_ms": phases.get("optim_step", 0.0),
+            "instrumentation_ms": phases.get("instrumentation", 0.0),
+            "batch_time_ms": wall_ms,
+            "samples_per_sec": batch * self.dist.world_size / max(wall_ms / 1000.0, 1e-9),
+        }
+        fields["unaccounted_ms"] = wall_ms - sum(phases.values())
+        fields.update(cuda_memory_mb(self.device))
+        return fields
+
+    # ------------------------------------------------------------------ failures
+    def fail_non_finite(self, what: str, value: float, components: Mapping[str, Any] | None = None, *,
+                        step: int | None = None, hint: str | None = None) -> None:
+        """Write an ``error`` record naming what stopped being finite, then raise :class:`NonFiniteLossError`."""
+        step = self.global_step + 1 if step is None else step
+        finite = {k: float(v) for k, v in (components or {}).items()}
+        bad = sorted(k for k, v in finite.items() if not math.isfinite(v))
+        detail = f"; non-finite components: {bad or 'none'}" if components else ""
+        message = (f"non-finite {what} ({value}) at epoch {self.epoch + 1}, step {step}{detail}. "
+                   f"{hint or self.non_finite_hint}.")
+        self.write({"kind": "error", "name": "non_finite", "epoch": self.epoch, "step": step,
+                    "message": message, **finite})
+        raise NonFiniteLossError(message)
+
+    # ------------------------------------------------------------------ validation
+    def probe_batch(self, val_batches: Iterable[Mapping] | None = None) -> dict:
+        """The first ``probe_max_samples`` validation samples, fixed for the whole run."""
+        if self._probe is None:
+            if val_batches is None:
+                raise ValueError("the probe needs validation batches: call on_train_start(val_loader) first")
+            inputs, targets, ids = [], [], []
+            need = self.config.probe_max_samples
+            for batch in val_batches:
+                inputs.append(batch["input_image"])
+                targets.append(batch["target_image"])
+                ids.extend(list(batch.get("image_id", [])))
+                if sum(x.shape[0] for x in inputs) >= need:
+                    break
+            if not inputs:
+                raise ValueError("the validation loader is empty; the probe needs at least one sample")
+            self._probe = {"input_image": torch.cat(inputs)[:need].to(self.device),
+                           "target_image": torch.cat(targets)[:need].to(self.device), "image_id": ids[:need]}
+        return self._probe
+
+    @torch.no_grad()
+    def init_check(self) -> dict:
+        """Before any step: does the model predict the identity warp, with identity's proxy and loss?"""
+        probe = self.probe_batch()
+        with _eval_mode(self.core):
+            image, target = probe["input_image"], probe["target_image"]
+            correction = correct(self.core, image, self.spec.residual_active)
+            identity_warp = _identity_warp(image)
+            identity = identity_warp.prediction
+            model_loss, _ = self.loss_fn(correction, target)
+            # The same loss on the identity warp (no residual flow: its terms are exact zeros).
+            identity_loss, _ = self.loss_fn(Correction(_identity_params(image), None, identity_warp), target)
+            return {
+                "init_pred_max_abs_diff": float((correction.prediction - identity).abs().max()),
+                "init_proxy_total": proxy_score_batch(correction.prediction.float(), target.float())["total"],
+                "identity_proxy_total": proxy_score_batch(identity.float(), target.float())["total"],
+                "init_loss": float(model_loss),
+                "identity_loss": float(identity_loss),
+                "init_params_max_abs_dev": float((correction.params - correction.params.new_tensor(
+                    IDENTITY_PARAMS)).abs().max()),
+            }
+
+    def on_validation(self, val_batches: Iterable[Mapping]) -> dict:
+        """Score the model (and, once, identity and ground truth) on the validation batches and the
+        fixed probe, and track the best score. Writes and returns the ``val_epoch`` record
+        (``is_best``: this epoch's score is the best so far)."""
+        record = self.evaluate(val_batches)
+        improved = record["val_proxy_total"] > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = record["val_proxy_total"], self.epoch
+        record.update({"best_val_proxy_total": self.best_score, "is_best": improved})
+        self.write(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, val_batches: Iterable[Mapping]) -> dict:
+        """The ``val_epoch`` figures of the model as it is now, without writing or best tracking."""
+        record: dict = {"kind": "val_epoch", "epoch": self.epoch, "step": self.global_step}
+        if self.config.instrument:
+            self.probe_batch(val_batches)  # fixed at the first call: the first samples of the first pass
+        loss_fn = self.loss_fn
+
+        def val_loss(pred, target, correction):
+            return {"val_loss": loss_fn(correction, target)[0]}
+
+        need_baselines = self._baselines is None
+        # A finite last training loss does not make the updated weights usable (a huge step can
+        # overflow the next forward): outputs are checked so such a run stops with a clear error.
+        used = ("params", "residual_flow_lowres") if self.spec.residual_active else ("params",)
+        checked = _FiniteOutputs(self.core, used, self._fail_non_finite_outputs).train(self.core.training)
+        scores = score_subset(checked, val_batches, residual_active=self.spec.residual_active,
+                              device=self.device, ground_truth=self.ground_truth, loss_fn=val_loss,
+                              with_baselines=need_baselines)
+        if need_baselines:
+            self._baselines = {f"identity_proxy_{k}": v for k, v in scores.identity.items()}
+            if scores.ground_truth is not None:
+                self._baselines.update({f"gt_proxy_{k}": v for k, v in scores.ground_truth.items()})
+        record.update({f"val_proxy_{k}": v for k, v in scores.model.items()})
+        record.update(self._baselines)
+        record["val_sample_count"] = scores.sample_count
+        record["val_loss"] = scores.loss_sums["val_loss"] / max(1, scores.sample_count)
+        if self.config.instrument:
+            record.update(self.probe_metrics())
+        if self.dist.enabled:
+            record.update(self._rank_checksums(record))
+        return record
+
+    def probe_metrics(self) -> dict:
+        probe = self.probe_batch()
+        decimals = self.config.checksum_decimals
+        with _eval_mode(self.core):
+            correction = correct(self.core, probe["input_image"], self.spec.residual_active)
+            _, components = default_loss_fn(self.spec)(correction, probe["target_image"])
+        proxy = proxy_score_batch(correction.prediction.float(), probe["target_image"].float())
+        return {
+            "probe_pred_checksum": tensor_checksum(correction.prediction, decimals),
+            "probe_final_grid_checksum": tensor_checksum(correction.warp.final_grid.permute(0, 3, 1, 2), decimals),
+            "probe_params_checksum": tensor_checksum(correction.params, decimals + 1),
+            "probe_proxy_total_score": proxy["total"],
+            "probe_pixel": float(components["pixel"]),
+            "probe_ssim": float(components["ssim"]),
+            "probe_edge": float(components["edge"]),
+            "probe_sample_count": int(probe["input_image"].shape[0]),
+            "param_checksum": self.parameter_checksum(),
+        }
+
+    def parameter_checksum(self) -> str:
+        """Digest of every parameter and floating-point buffer (batch-norm statistics), rounded like
+        the probe at two more decimals, to compare ranks and runs."""
+        tensors = [t for t in self.core.state_dict().values() if t.is_floating_point()]
+        flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
+        return tensor_checksum(flat, self.config.checksum_decimals + 2)
+
+    def _rank_checksums(self, record: dict) -> dict:
+        """Every rank's parameter (and probe prediction) checksum, gathered: ranks_in_sync judges them."""
+        mine = (record.get("param_checksum") or self.parameter_checksum(), record.get("probe_pred_checksum"))
+        gathered = gather_objects(mine, self.dist)
+        out = {"rank_param_checksums": [g[0] for g in gathered]}
+        if mine[1] is not None:
+            out["rank_probe_checksums"] = [g[1] for g in gathered]
+        return out
+
+    def _fail_non_finite_outputs(self, names: list[str]) -> None:
+        self.fail_non_finite(f"model outputs in validation after the update: {', '.join(names)}", math.nan,
+                             step=self.global_step)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold for a resumed run to continue these metrics exactly."""
+        return {"global_step": self.global_step, "epoch": self.epoch, "best_score": self.best_score,
+                "best_epoch": self.best_epoch,
+                "inactivity_monitor": ({"consecutive": self._monitor.consecutive, "fired": self._monitor.fired}
+                                       if self._monitor is not None else None)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.global_step = int(state.get("global_step", 0))
+        self.epoch = int(state.get("epoch", 0))
+        self._epoch_started = True
+        self.best_score = float(state.get("best_score", -math.inf))
+        self.best_epoch = int(state.get("best_epoch", -1))
+        monitor = state.get("inactivity_monitor")
+        if self._monitor is not None and monitor is not None:
+            self._monitor.consecutive = int(monitor["consecutive"])
+            self._monitor.fired = int(monitor["fired"])
+
+
+class PerfTotals:
+    """Run-level throughput: samples over wall time after ``warmup`` steps, warm-up reported apart."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.steps = 0
+        self.samples = 0
+        self.wall_ms = 0.0
+        self.warm_samples = 0
+        self.warm_wall_ms = 0.0
+        self.phases: dict[str, float] = {}
+
+    def add(self, samples: int, wall_ms: float, phases: dict[str, float]) -> None:
+        self.steps += 1
+        if self.steps <= self.warmup:
+            self.warm_samples += samples
+            self.warm_wall_ms += wall_ms
+            return
+        self.samples += samples
+        self.wall_ms += wall_ms
+        for key, value in phases.items():
+            self.phases[key] = self.phases.get(key, 0.0) + value
+
+    def summary(self) -> dict:
+        out: dict = {"steps": self.steps, "warmup_steps": min(self.steps, self.warmup),
+                     "warmup_wall_ms": self.warm_wall_ms}
+        if self.wall_ms > 0:
+            measured = self.steps - min(self.steps, self.warmup)
+            out["samples_per_sec"] = self.samples / (self.wall_ms / 1000.0)
+            out["step_time_ms_mean"] = self.wall_ms / measured
+            for key, value in self.phases.items():
+                out[f"{key}_ms_mean"] = value / measured
+            if "instrumentation" in self.phases:
+                out["instrumentation_overhead_frac"] = self.phases["instrumentation"] / self.wall_ms
+        return out
+
+
+class _FiniteOutputs(nn.Module):
+    """Runs ``model`` unchanged and calls ``on_fail(names)`` when one of the outputs ``names`` it
+    returns is not finite (one device-wide check per output and batch)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...], on_fail: Callable[[list[str]], None]) -> None:
+        super().__init__()
+        self.model = model
+        self._names = names
+        self._on_fail = on_fail
+
+    def forward(self, image: torch.Tensor):
+        outputs = self.model(image)
+        if isinstance(outputs, Mapping):
+            bad = [name for name in self._names
+                   if isinstance(outputs.get(name), torch.Tensor) and not bool(torch.isfinite(outputs[name]).all())]
+            if bad:
+                self._on_fail(bad)
+        return outputs
+
+
+class _eval_mode:
+    """``with _eval_mode(model):`` evaluates in eval mode and restores the previous mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
+
+
+def _identity_params(image: torch.Tensor) -> torch.Tensor:
+    return identity_params(image.shape[0], device=image.device, dtype=image.dtype)
+
+
+def _identity_warp(image: torch.Tensor) -> WarpResult:
+    """The identity warp of ``image`` ``(B, 3, H, W)``, through the same code path as every prediction."""
+    return apply_correction(image, _identity_params(image), None)
+
+
+def _now() -> float:
+    return time.perf_counter()
