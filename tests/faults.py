@@ -164,3 +164,145 @@ class BatchNormParamHead(LensCorrectionModel):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__(config)
         self.param_head = _BatchNormParamHead(self.param_head)
+
+
+# ------------------------------------------------------------------ learning coverage
+
+class _HeadInput(nn.Module):
+    """Wraps a head and transforms every tensor it is fed (``transform(tensor) -> tensor``)."""
+
+    def __init__(self, head: nn.Module, transform) -> None:
+        super().__init__()
+        self.head = head
+        self._transform = transform
+
+    def forward(self, *inputs):
+        return self.head(*(self._transform(x) if isinstance(x, torch.Tensor) else x for x in inputs))
+
+
+class DetachedFeatures(LensCorrectionModel):
+    """The parameter head is fed detached backbone features: in stage 1 no gradient reaches the backbone."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.param_head = _HeadInput(self.param_head, torch.Tensor.detach)
+
+
+class LateParameter(LensCorrectionModel):
+    """Creates a gain parameter on its first forward, after the optimizer was built: it gets
+    gradients but is never updated."""
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(image)
+        if not hasattr(self, "late_gain"):
+            self.late_gain = nn.Parameter(torch.ones((), device=image.device))
+        identity = out["params"].new_tensor([0, 0, 0, 0, 0, 0, 0, 1.0])
+        return {**out, "params": identity + (out["params"] - identity) * self.late_gain}
+
+
+class UnusedParameters(LensCorrectionModel):
+    """Holds a parameter-head layer that forward never uses: the optimizer updates it, nothing feeds it."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.param_head.spare = nn.Linear(8, 8)
+
+
+# ------------------------------------------------------------------ evaluation path
+
+class DropoutAtEval(LensCorrectionModel):
+    """Dropout on the parameter head's input that stays on in eval mode (``training=True`` hard-coded)."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.param_head = _HeadInput(self.param_head,
+                                     lambda x: torch.nn.functional.dropout(x, 0.3, training=True))
+
+
+class ResidualOffAtEval(LensCorrectionModel):
+    """The residual branch is on in training and silently off in eval mode."""
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(image)
+        if self.training:
+            return out
+        return {**out, "residual_flow_lowres": out["residual_flow_lowres"] * 0.0}
+
+
+# ------------------------------------------------------------------ residual that moves but does not help
+
+class TinyResidual(LensCorrectionModel):
+    """The residual flow in the wrong units (x 0.01): non-zero, but a hundredth of what it should be."""
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(image)
+        return {**out, "residual_flow_lowres": out["residual_flow_lowres"] * 0.01}
+
+
+class HarmfulResidual(LensCorrectionModel):
+    """A fixed, untrainable 4-px swirl added to the learned residual flow: it moves pixels the wrong way."""
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(image)
+        flow = out["residual_flow_lowres"]
+        _, _, h, w = flow.shape
+        ys = torch.linspace(-1, 1, h, device=flow.device, dtype=flow.dtype).view(h, 1).expand(h, w)
+        xs = torch.linspace(-1, 1, w, device=flow.device, dtype=flow.dtype).view(1, w).expand(h, w)
+        swirl = torch.stack([torch.sin(3 * ys), torch.cos(3 * xs)]) * (4.0 / self.config.residual_stride)
+        return {**out, "residual_flow_lowres": flow + swirl}
+
+
+# ------------------------------------------------------------------ data faults (loader wrappers)
+
+class _LoaderFault:
+    """Wraps a loader; ``applies_to_val``: the same bug also reaches the validation loader."""
+
+    applies_to_val = False
+
+    def __init__(self, loader: Iterable[Mapping]) -> None:
+        self.loader = loader
+        self.dataset = getattr(loader, "dataset", None)
+        self.sampler = getattr(loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class RepeatFirstBatch(_LoaderFault):
+    """Yields the first batch again and again (a cached batch served for every step)."""
+
+    def __iter__(self) -> Iterator[Mapping]:
+        first = next(iter(self.loader))
+        for _ in range(len(self.loader)):
+            yield first
+
+
+class Scaled255(_LoaderFault):
+    """Images in 0..255 instead of 0..1 (a forgotten division)."""
+
+    def __iter__(self) -> Iterator[Mapping]:
+        for batch in self.loader:
+            yield {**batch, "input_image": batch["input_image"] * 255.0, "target_image": batch["target_image"] * 255.0}
+
+
+class NaNInOneBatch(_LoaderFault):
+    """One NaN pixel in the second sample of the second batch (a corrupt decode)."""
+
+    def __iter__(self) -> Iterator[Mapping]:
+        for index, batch in enumerate(self.loader):
+            if index == 1:
+                image = batch["input_image"].clone()
+                image[min(1, image.shape[0] - 1), 0, 0, 0] = float("nan")
+                batch = {**batch, "input_image": image}
+            yield batch
+
+
+class SwappedPairs(_LoaderFault):
+    """Inputs and targets swapped, in training and validation alike (a column mix-up in a split CSV)."""
+
+    applies_to_val = True
+
+    def __iter__(self) -> Iterator[Mapping]:
+        for batch in self.loader:
+            yield {**batch, "input_image": batch["target_image"], "target_image": batch["input_image"]}
+

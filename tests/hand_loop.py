@@ -45,7 +45,7 @@ def train_by_hand(out_dir: Path, mode: str = "stage2_probe", *, model: nn.Module
         for step, batch in enumerate(train_loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
-            hooks.on_train_batch_start()
+            hooks.on_train_batch_start(batch)
             correction = correct(model, batch["input_image"], spec.residual_active)
             loss, parts = loss_fn(correction, batch["target_image"])
             optimizer.zero_grad()

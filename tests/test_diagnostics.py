@@ -32,6 +32,8 @@ HEALTHY = [
 ]
 
 RESIDUAL_SIGNALS = ("residual_contributes", "residual_head_learning", "residual_not_inactive")
+#: Residual signals that compare the residual's effect; off (n/a) in stage 1 like RESIDUAL_SIGNALS.
+RESIDUAL_EFFECT_SIGNALS = ("residual_helps", "eval_residual_matches_train")
 SINGLE_PROCESS_NA = ("ranks_in_sync",)
 
 
@@ -39,7 +41,7 @@ def expected_good(spec: RunSpec) -> list[str]:
     """Signals a healthy run of this mode must judge good (the rest do not apply to it)."""
     skip = set(SINGLE_PROCESS_NA)
     if spec.mode == "overfit_stage1":
-        skip |= set(RESIDUAL_SIGNALS)
+        skip |= set(RESIDUAL_SIGNALS) | set(RESIDUAL_EFFECT_SIGNALS)
     else:
         skip.add("beats_identity")  # a 4-epoch probe is not an overfit: reported, not judged
     return [signal for signal in SIGNALS if signal not in skip]
@@ -65,7 +67,7 @@ def test_healthy_run_is_all_good(debug_run, spec):
 
 
 @pytest.mark.overfit_stage1
-@pytest.mark.parametrize("signal", RESIDUAL_SIGNALS)
+@pytest.mark.parametrize("signal", RESIDUAL_SIGNALS + RESIDUAL_EFFECT_SIGNALS)
 def test_stage1_reports_residual_branch_off_not_failing(debug_run, signal):
     verdict = debug_run(HEALTHY[0]).verdict(signal)
     assert verdict.ok is None and "off" in verdict.detail
@@ -164,6 +166,44 @@ FAULTS = [
            loader_sleep_s=0.3, epochs=2),
     _fault("lr-explodes", "overfit_stage1", ("finite",), ("init_is_identity", "not_data_bound"),
            overrides=(("train.lr", 1e6),), epochs=2),
+    # learning coverage: a group without gradients, parameters outside the optimizer
+    _fault("backbone-detached", "overfit_stage1", ("backbone_learning", "optimizer_covers_params"),
+           ("finite", "init_is_identity", "param_head_learning", "scores_move", "batches_in_range"),
+           model="DetachedFeatures", epochs=2),
+    _fault("parameter-created-after-optimizer", "overfit_stage1", ("optimizer_covers_params",),
+           ("finite", "init_is_identity", "param_head_learning", "backbone_learning", "scores_move"),
+           model="LateParameter", epochs=2),
+    _fault("optimized-parameter-unused", "overfit_stage1", ("optimizer_covers_params",),
+           ("finite", "init_is_identity", "param_head_learning", "backbone_learning", "scores_move"),
+           model="UnusedParameters", epochs=2),
+    # evaluation path differs from training
+    _fault("dropout-at-eval", "stage2_probe", ("eval_deterministic",),
+           ("finite", "init_is_identity", "param_head_learning", "backbone_learning", "residual_head_learning",
+            "eval_residual_matches_train"),
+           model="DropoutAtEval", epochs=2),
+    _fault("residual-off-at-eval", "stage2_probe", ("eval_residual_matches_train",),
+           ("finite", "init_is_identity", "param_head_learning", "residual_head_learning", "residual_contributes",
+            "eval_deterministic"),
+           model="ResidualOffAtEval", epochs=3),
+    # a residual that moves but does not help
+    _fault("residual-wrong-units", "stage2_probe", ("residual_contributes",),
+           ("finite", "init_is_identity", "param_head_learning", "residual_head_learning", "eval_deterministic"),
+           model="TinyResidual"),
+    _fault("residual-hurts", "stage2_probe", ("residual_helps",),
+           ("finite", "param_head_learning", "residual_head_learning", "residual_contributes", "eval_deterministic"),
+           model="HarmfulResidual", epochs=3),
+    # data bugs in the training batches
+    _fault("batch-repeated", "overfit_stage1", ("batches_vary",),
+           ("finite", "init_is_identity", "param_head_learning", "backbone_learning", "batches_in_range"),
+           loader_fault="RepeatFirstBatch", epochs=2),
+    _fault("batch-0-255", "overfit_stage1", ("batches_in_range",),
+           ("init_is_identity", "param_head_learning", "batches_vary", "pairs_match_ground_truth"),
+           loader_fault="Scaled255", epochs=2),
+    _fault("batch-nan", "overfit_stage1", ("batches_in_range", "finite"), ("init_is_identity",),
+           loader_fault="NaNInOneBatch", epochs=1),
+    _fault("pairs-swapped", "overfit_stage1", ("pairs_match_ground_truth",),
+           ("finite", "init_is_identity", "param_head_learning", "batches_in_range", "batches_vary"),
+           loader_fault="SwappedPairs", epochs=2),
 ]
 
 
@@ -185,6 +225,15 @@ def test_detector_fires(debug_run, fault, signal):
 def test_no_false_alarm(debug_run, fault, signal):
     verdict = debug_run(fault.spec).verdict(signal)
     assert verdict.ok is True, f"{signal} raised a false alarm on {fault.spec.name}: {verdict.detail}"
+
+
+@pytest.mark.overfit_stage1
+def test_a_nan_in_the_batch_is_named_not_blamed_on_the_learning_rate(debug_run):
+    run = debug_run(next(f.spec for f in FAULTS if f.spec.name == "fault-batch-nan"))
+    error = run.report["error"]
+    assert "input batch is bad" in error and "non-finite values" in error and "learning rate" not in error
+    detail = run.verdict("batches_in_range").detail
+    assert "step 2" in detail and "non-finite" in detail
 
 
 @pytest.mark.overfit_stage1

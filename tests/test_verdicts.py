@@ -29,6 +29,13 @@ Record = dict[str, Any]
 STAGES = ("stage1_param_only", "stage2_hybrid", "stage3_finetune")
 RESIDUAL_ACTIVE = {"stage1_param_only": False, "stage2_hybrid": True, "stage3_finetune": True}
 RESIDUAL_SIGNALS = {"residual_contributes", "residual_head_learning", "residual_not_inactive"}
+#: Also off (n/a) when the residual branch is off, and with instrumentation off.
+RESIDUAL_EFFECT_SIGNALS = {"residual_helps", "eval_residual_matches_train"}
+RESIDUAL_OFF_NA = RESIDUAL_SIGNALS | RESIDUAL_EFFECT_SIGNALS
+#: Signals that read only what debug_instrumentation adds.
+INSTRUMENTED_ONLY = {"probe_checksums_change", "probe_tracks_updates", "param_head_not_saturated",
+                     "param_head_learning", "backbone_learning", "optimizer_covers_params", "eval_deterministic",
+                     "batches_in_range", "batches_vary"}
 GROUPS = ("backbone", "param_head", "residual_head")
 IDENTITY_PROXY, GT_PROXY = 0.40, 0.60
 
@@ -65,7 +72,9 @@ def healthy_records(stage: str = "stage2_hybrid", *, epochs: int = 4, steps_per_
                             "param_delta_backbone": 1e-3, "param_delta_param_head": 5e-4,
                             "param_delta_residual_head": 2e-4 if residual else 0.0,
                             "residual_contrib_px_mean": 0.05 if residual else 0.0,
-                            "params_at_bound_frac": 0.05})
+                            "residual_to_param_disp_ratio_mean": 0.5 if residual else 0.0,
+                            "params_at_bound_frac": 0.05, "batch_min": 0.0, "batch_max": 1.0,
+                            "batch_nonfinite": 0.0, "batch_fingerprint": f"batch{step:011d}"})
                 if residual:
                     rec["residual_flow_abs_mean_px"] = 0.04
             if perf:
@@ -78,12 +87,19 @@ def healthy_records(stage: str = "stage2_hybrid", *, epochs: int = 4, steps_per_
         if instrumentation:
             val.update({"probe_pred_checksum": f"pred{epoch:012d}", "probe_final_grid_checksum": f"grid{epoch:012d}",
                         "probe_params_checksum": f"parm{epoch:012d}", "probe_proxy_total_score": 0.50 + 0.01 * epoch,
-                        "probe_pixel": 0.20 - 0.01 * epoch})
+                        "probe_pixel": 0.20 - 0.01 * epoch, "probe_repeat_max_abs_diff": 0.0,
+                        "probe_residual_contrib_px_mean": 0.04 if residual else 0.0})
+            if residual:
+                val["val_proxy_no_residual_total"] = 0.445 + 0.01 * epoch
             if world_size > 1:
                 val["rank_param_checksums"] = [f"p{epoch}"] * world_size
                 val["rank_probe_checksums"] = [f"q{epoch}"] * world_size
         records.append(val)
-    records.append({"kind": "run_end", "epoch": epochs - 1, "step": step, "samples_per_sec": 200.0})
+    end: Record = {"kind": "run_end", "epoch": epochs - 1, "step": step, "samples_per_sec": 200.0}
+    if instrumentation:
+        end["optimizer_coverage"] = {"steps_observed": step, "optimized_tensors": 40,
+                                     "grad_not_optimized": [], "optimized_never_grad": []}
+    records.append(end)
     return records
 
 
@@ -158,12 +174,15 @@ def residual_frozen(records):
     """The residual head is detached or frozen: no gradient, no update, no contribution, warnings."""
     records = _edit(records, "train_step", grad_norm_residual_head=0.0, param_delta_residual_head=0.0,
                     residual_contrib_px_mean=0.0, residual_flow_abs_mean_px=0.0)
+    records = _edit(records, "val_epoch", probe_residual_contrib_px_mean=0.0)
     return with_warnings(3)(records)
 
 
 def lr_zero(records):
     """Learning rate 0: nothing moves, the loss is flat, scores and checksums stay at epoch 0's."""
     records = _edit(records, "train_step", lr=0.0, loss=0.8, **{f"param_delta_{g}": 0.0 for g in GROUPS})
+    records = _edit(records, "val_epoch", lambda v: "val_proxy_no_residual_total" in v,
+                    val_proxy_no_residual_total=0.445)
     return _edit(records, "val_epoch", val_proxy_total=0.45, probe_proxy_total_score=0.50, probe_pixel=0.20,
                  probe_pred_checksum="pred000000000000", probe_final_grid_checksum="grid000000000000",
                  probe_params_checksum="parm000000000000")
@@ -191,7 +210,9 @@ def non_finite_grad(records):
 
 def identity_wins(records):
     """The model improves but never gets past the identity warp (0.36 .. 0.39 < 0.40)."""
-    return _edit(records, "val_epoch", val_proxy_total=lambda r: 0.36 + 0.01 * r["epoch"])
+    records = _edit(records, "val_epoch", val_proxy_total=lambda r: 0.36 + 0.01 * r["epoch"])
+    return _edit(records, "val_epoch", lambda v: "val_proxy_no_residual_total" in v,
+                 val_proxy_no_residual_total=lambda v: v["val_proxy_total"] - 0.005)
 
 
 def init_not_identity(records):
@@ -226,6 +247,55 @@ def ranks_diverged(records):
                  rank_param_checksums=lambda r: [f"p{r['epoch']}", f"p{r['epoch']}-other"])
 
 
+def backbone_starved(records):
+    """The heads are fed detached features: the backbone never gets a gradient nor moves."""
+    return _edit(records, "train_step", grad_norm_backbone=0.0, param_delta_backbone=0.0)
+
+
+def outside_optimizer(records):
+    """A gain parameter created after the optimizer: it gets gradients and is never updated."""
+    return _edit(records, "run_end", optimizer_coverage=lambda r: {**r["optimizer_coverage"],
+                                                                   "grad_not_optimized": ["late_gain"]})
+
+
+def eval_random(records):
+    """Dropout on in eval mode: the same probe evaluated twice differs."""
+    return _edit(records, "val_epoch", probe_repeat_max_abs_diff=0.03)
+
+
+def residual_off_at_eval(records):
+    """The residual branch is on in training but off at evaluation."""
+    return _edit(records, "val_epoch", probe_residual_contrib_px_mean=0.0)
+
+
+def residual_wrong_units(records):
+    """The residual moves (0.05 px) but is 0.5 % of the parametric displacement: wrong units."""
+    return _edit(records, "train_step", residual_to_param_disp_ratio_mean=lambda r: 0.005 if r[
+        "residual_branch_active"] else 0.0)
+
+
+def residual_hurts(records):
+    """Validation is better with the residual zeroed than with it."""
+    return _edit(records, "val_epoch", lambda v: "val_proxy_no_residual_total" in v,
+                 val_proxy_no_residual_total=lambda v: v["val_proxy_total"] + 0.02)
+
+
+def batch_0_255(records):
+    """Inputs in 0..255 from step 3 on, one sample named."""
+    return _edit(records, "train_step", lambda r: r["step"] >= 3, batch_max=255.0,
+                 batch_bad_sample={"index": 1, "image_id": "p007", "nonfinite": False, "min": 0.0, "max": 255.0})
+
+
+def batch_repeated(records):
+    """The loader serves one cached batch for every step."""
+    return _edit(records, "train_step", batch_fingerprint="same00000000000")
+
+
+def pairs_swapped(records):
+    """Inputs and targets swapped: the ground-truth warp makes things worse than identity."""
+    return _edit(records, "val_epoch", gt_proxy_total=0.35)
+
+
 # Fault -> signals that must go bad, in every stage unless listed per stage.
 EXPECTED_BAD: dict[Callable, dict[str, set[str]]] = {
     stale_probe: dict.fromkeys(STAGES, {"probe_tracks_updates", "probe_checksums_change", "scores_move"}),
@@ -246,6 +316,18 @@ EXPECTED_BAD: dict[Callable, dict[str, set[str]]] = {
     saturated: dict.fromkeys(STAGES, {"param_head_not_saturated"}),
     param_head_detached: dict.fromkeys(STAGES, {"param_head_learning"}),
     ranks_diverged: dict.fromkeys(STAGES, {"ranks_in_sync"}),
+    backbone_starved: dict.fromkeys(STAGES, {"backbone_learning"}),
+    outside_optimizer: dict.fromkeys(STAGES, {"optimizer_covers_params"}),
+    eval_random: dict.fromkeys(STAGES, {"eval_deterministic"}),
+    residual_off_at_eval: {"stage1_param_only": set(), "stage2_hybrid": {"eval_residual_matches_train"},
+                           "stage3_finetune": {"eval_residual_matches_train"}},
+    residual_wrong_units: {"stage1_param_only": set(), "stage2_hybrid": {"residual_contributes"},
+                           "stage3_finetune": {"residual_contributes"}},
+    residual_hurts: {"stage1_param_only": set(), "stage2_hybrid": {"residual_helps"},
+                     "stage3_finetune": {"residual_helps"}},
+    batch_0_255: dict.fromkeys(STAGES, {"batches_in_range"}),
+    batch_repeated: dict.fromkeys(STAGES, {"batches_vary"}),
+    pairs_swapped: dict.fromkeys(STAGES, {"pairs_match_ground_truth"}),
 }
 
 # Signal -> (fault that turns it red, stage, words its detail must contain).
@@ -272,6 +354,18 @@ RED: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
                             ("parameter head gradient is zero on 100% of steps", "detached")),
     "ranks_in_sync": (ranks_diverged, "stage2_hybrid",
                       ("ranks diverged at epoch 2", "rank_param_checksums differ across ranks")),
+    "backbone_learning": (backbone_starved, "stage1_param_only", ("backbone gradient is zero on 100% of steps",
+                                                                 "detached")),
+    "optimizer_covers_params": (outside_optimizer, "stage2_hybrid",
+                                ("1 parameter(s) get gradients but are not in the optimizer", "late_gain")),
+    "eval_deterministic": (eval_random, "stage2_hybrid", ("evaluated twice differs by 0.03", "dropout")),
+    "eval_residual_matches_train": (residual_off_at_eval, "stage3_finetune",
+                                    ("0.05 px in training but 0 px at evaluation",)),
+    "residual_helps": (residual_hurts, "stage2_hybrid", ("the residual makes the score worse", "(-0.0200)")),
+    "batches_in_range": (batch_0_255, "stage1_param_only",
+                         ("18 training batch(es) out of range", "first at step 3, sample p007", "expected [0, 1]")),
+    "batches_vary": (batch_repeated, "stage2_hybrid", ("the same batch as the step before on 100% of steps",)),
+    "pairs_match_ground_truth": (pairs_swapped, "stage2_hybrid", ("below identity's 0.4000", "swapped")),
 }
 
 
@@ -287,7 +381,7 @@ class TestHealthyRun:
     @pytest.mark.parametrize("signal", list(SIGNALS))
     def test_each_signal_is_good(self, signal, stage):
         verdict = judged(signal, history(stage, world_size=2))
-        expected = None if (signal in RESIDUAL_SIGNALS and not RESIDUAL_ACTIVE[stage]) else True
+        expected = None if (signal in RESIDUAL_OFF_NA and not RESIDUAL_ACTIVE[stage]) else True
         assert verdict.signal == signal
         assert verdict.ok is expected, verdict.detail
 
@@ -295,7 +389,7 @@ class TestHealthyRun:
     def test_single_process_run_is_all_good(self, stage):
         result = verdicts(history(stage))
         not_applicable = {s for s, v in result.items() if v.ok is None}
-        assert not_applicable == {"ranks_in_sync"} | (set() if RESIDUAL_ACTIVE[stage] else RESIDUAL_SIGNALS)
+        assert not_applicable == {"ranks_in_sync"} | (set() if RESIDUAL_ACTIVE[stage] else RESIDUAL_OFF_NA)
         assert {s for s, v in result.items() if v.ok is True} == set(SIGNALS) - not_applicable
         assert all_good(list(result.values()))
 
@@ -462,6 +556,17 @@ NOT_APPLICABLE = [
     ("param_head_not_saturated", "stage2_hybrid", (), {"instrumentation": False}, "no saturation record"),
     ("param_head_learning", "stage2_hybrid", (), {"instrumentation": False}, "instrumentation off"),
     ("ranks_in_sync", "stage2_hybrid", (), {"world_size": 1}, "single process"),
+    ("backbone_learning", "stage2_hybrid", (), {"instrumentation": False}, "instrumentation off"),
+    ("optimizer_covers_params", "stage2_hybrid", (), {"instrumentation": False}, "no optimizer coverage"),
+    ("eval_deterministic", "stage2_hybrid", (), {"instrumentation": False}, "no repeated probe"),
+    ("eval_residual_matches_train", "stage1_param_only", (), {}, "residual branch is off"),
+    ("eval_residual_matches_train", "stage2_hybrid", (residual_frozen,), {},
+     "below its floor in training and at eval"),
+    ("residual_helps", "stage1_param_only", (), {}, "residual branch is off"),
+    ("residual_helps", "stage2_hybrid", (), {"instrumentation": False}, "no residual-zeroed validation"),
+    ("batches_in_range", "stage2_hybrid", (), {"instrumentation": False}, "no batch ranges"),
+    ("batches_vary", "stage2_hybrid", (), {"instrumentation": False}, "needs >= 3 fingerprinted"),
+    ("pairs_match_ground_truth", "stage2_hybrid", (), {"ground_truth": False}, "no ground truth"),
 ]
 
 
@@ -480,9 +585,7 @@ class TestNotApplicable:
     @pytest.mark.parametrize("stage", STAGES)
     def test_instrumentation_off(self, stage):
         result = verdicts(history(stage, instrumentation=False))
-        assert {s for s, v in result.items() if v.ok is None} == {
-            "probe_checksums_change", "probe_tracks_updates", "param_head_not_saturated", "param_head_learning",
-            "ranks_in_sync"} | RESIDUAL_SIGNALS
+        assert {s for s, v in result.items() if v.ok is None} == INSTRUMENTED_ONLY | {"ranks_in_sync"} | RESIDUAL_OFF_NA
         assert {s for s, v in result.items() if v.ok is False} == set()
 
     def test_not_required_identity_is_reported_not_judged(self):
@@ -692,8 +795,8 @@ class TestJudgeIO:
             assert name == verdict.signal and line.endswith(verdict.detail)
             marks[name] = mark
         assert {n for n, m in marks.items() if m == "BAD"} == {"not_data_bound"}
-        assert {n for n, m in marks.items() if m == "n/a"} == RESIDUAL_SIGNALS | {"ranks_in_sync"}
-        assert {n for n, m in marks.items() if m == "GOOD"} == set(SIGNALS) - RESIDUAL_SIGNALS - {
+        assert {n for n, m in marks.items() if m == "n/a"} == RESIDUAL_OFF_NA | {"ranks_in_sync"}
+        assert {n for n, m in marks.items() if m == "GOOD"} == set(SIGNALS) - RESIDUAL_OFF_NA - {
             "ranks_in_sync", "not_data_bound"}
         # the verdict column is aligned: every mark starts at the same offset
         width = max(len(s) for s in SIGNALS)

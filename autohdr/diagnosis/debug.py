@@ -216,6 +216,8 @@ def run_debug_mode(
             built_train, built_val = build_loaders(train_rows, val_rows, data_preset, seed, dist_ctx)
             train_loader = built_train if train_loader is None else train_loader
             val_loader = built_val if val_loader is None else val_loader
+        if root.is_dir():
+            # Ground truth is matched by image_id, so it also serves loaders the caller built from this root.
             ground_truth = load_ground_truth(root)
 
         torch.manual_seed(seed)  # before the model is built: its initial weights depend on the seed

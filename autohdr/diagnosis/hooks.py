@@ -10,7 +10,7 @@ hand-written loop calls them at the same points and gets the same ``metrics.json
     for epoch in range(epochs):
         hooks.on_train_epoch_start(epoch)
         for batch in train_loader:
-            hooks.on_train_batch_start()              # data time ends here
+            hooks.on_train_batch_start(batch)         # data time ends here; value range, repeats
             correction = correct(model, batch["input_image"], residual_active=True)
             loss, parts = composite_loss(correction.prediction, batch["target_image"], ...)
             optimizer.zero_grad(); loss.backward()
@@ -31,6 +31,7 @@ the optimizer, the schedule and the checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -143,9 +144,13 @@ class Instrumentation:
         self.device = torch.device(device) if device is not None else (
             first.device if first is not None else torch.device("cpu"))
         self.groups = parameter_groups(self.core, groups)
+        # A top-level submodule named like a group that holds no parameters (a head replaced by a
+        # parameter-free module) is measured as such: zero gradients, not "not named".
+        modules = dict(self.core.named_children())
+        self._measured = {n: ps for n, ps in self.groups.items() if ps or n in modules}
         self.notices: list[str] = []
         for name in GROUP_NAMES:
-            if not self.groups[name] and (name != "residual_head" or self.spec.residual_active):
+            if name not in self._measured and (name != "residual_head" or self.spec.residual_active):
                 self.notices.append(
                     f"no parameters in group {name!r}: its signals are not judged; name its modules with "
                     f"--groups {name}=MODULE.PATH (Python: groups={{'{name}': 'module.path'}}) or give the model "
@@ -162,7 +167,6 @@ class Instrumentation:
         self.best_epoch = -1
         self._timer = StepTimer(self.device, enabled=self.config.perf or self.config.instrument)
         self._tracker: ParamDeltaTracker | None = None
-        self._measured = {n: ps for n, ps in self.groups.items() if ps}
         self._monitor = (ResidualInactivityMonitor(self.config.residual_inactive_threshold_px,
                                                    self.config.residual_inactive_patience)
                          if self.config.instrument and self.spec.residual_active else None)
@@ -172,6 +176,10 @@ class Instrumentation:
         self.perf = PerfTotals(self.config.perf_warmup_steps)
         self._step_wall_start: float | None = None
         self._epoch_started = False
+        self._batch: Mapping | None = None
+        self._batch_tensors: dict[str, torch.Tensor] = {}
+        self._coverage = OptimizerCoverage(optimizer, skip=() if self.spec.residual_active
+                                           else tuple(self.groups.get("residual_head", ())))
 
     # ------------------------------------------------------------------ messages
     def info(self, message: str) -> None:
@@ -200,7 +208,9 @@ class Instrumentation:
         record = {"kind": "run_start", "stage": self.spec.name, "residual_branch_active": self.spec.residual_active,
                   "residual_terms": self.spec.residual_terms, "jacobian_term": self.spec.jacobian_term,
                   "device": str(self.device), "world_size": self.dist.world_size,
-                  "parameter_groups": group_summary(self.groups), "notices": list(self.notices),
+                  "parameter_groups": {n: {**summary, "measured": n in self._measured}
+                                       for n, summary in group_summary(self.groups).items()},
+                  "notices": list(self.notices),
                   "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad) for n, ps in self.groups.items()}}
         record.update(info or {})
         self.write(record)
@@ -215,9 +225,10 @@ class Instrumentation:
     def on_train_end(self, *, interrupted: bool = False, **fields: Any) -> dict:
         """Write ``run_end`` (throughput summary, best score) and close the file; returns the summary."""
         summary = self.perf.summary()
+        coverage = self._coverage.report(self.core) if self.config.instrument else None
         self.write({"kind": "run_end", "epoch": self.epoch, "step": self.global_step,
                     "best_val_proxy_total": self.best_score, "best_epoch": self.best_epoch,
-                    "interrupted": interrupted, **fields, **summary})
+                    "interrupted": interrupted, "optimizer_coverage": coverage, **fields, **summary})
         self.metrics.close()
         return summary
 
@@ -235,13 +246,21 @@ class Instrumentation:
         self.write({"kind": "epoch_end", "epoch": self.epoch, "step": self.global_step, **self.perf.summary()})
 
     # ------------------------------------------------------------------ steps
-    def on_train_batch_start(self) -> None:
-        """The batch is on the device: the time since the last step ended was data time."""
+    def on_train_batch_start(self, batch: Mapping | None = None) -> None:
+        """The batch is on the device: the time since the last step ended was data time.
+
+        With ``batch`` (``input_image`` / ``target_image`` ``(B, 3, H, W)``, optionally ``image_id``)
+        its value range, non-finite count and fingerprint are recorded (the batch sanity signals).
+        """
         if self._step_wall_start is None:  # no epoch start (a loop that steps by hand)
             self.on_train_epoch_start()
         self._timer.mark("data")
         if self.config.instrument and self._tracker is None:
             self._tracker = ParamDeltaTracker(self._measured)
+        self._batch = batch if self.config.instrument else None
+        if self._batch is not None:
+            self._batch_tensors = batch_range_tensors(batch)
+            self._timer.mark("instrumentation")
 
     def on_after_forward(self) -> None:
         """Optional: splits forward from backward time (otherwise both count as backward)."""
@@ -254,6 +273,7 @@ class Instrumentation:
         if self.config.instrument:
             for name, value in grad_norms(self._measured).items():
                 self._grad_tensors[f"grad_norm_{name}"] = value.detach().float()
+            self._coverage.observe(self.core)
             self._timer.mark("instrumentation")
 
     def on_train_batch_end(self, loss: torch.Tensor, correction: Correction | None = None, *,
@@ -281,6 +301,7 @@ class Instrumentation:
             grad_norm_total = torch.stack(list(self._grad_tensors.values())).square().sum().sqrt()
         if grad_norm_total is not None:
             tensors["grad_norm_total"] = grad_norm_total.detach()
+        tensors.update(self._batch_tensors)
         if self.config.instrument:
             tracker = self._tracker or ParamDeltaTracker(self._measured)
             self._tracker = tracker
@@ -304,7 +325,10 @@ class Instrumentation:
             record["grad_clipped"] = bool(clip_norm is not None and record["grad_norm_total"] > clip_norm)
         if self.config.instrument:
             self._residual_flags(record)
+            if self._batch is not None:
+                record.update(batch_identity(self._batch, record))
             self._timer.mark("instrumentation")
+        self._batch, self._batch_tensors = None, {}
         wall_ms = (_now() - (self._step_wall_start or _now())) * 1000.0
         phases = self._timer.phases
         if self.config.perf:
@@ -367,10 +391,22 @@ class Instrumentation:
         finite = {k: float(v) for k, v in (components or {}).items()}
         bad = sorted(k for k, v in finite.items() if not math.isfinite(v))
         detail = f"; non-finite components: {bad or 'none'}" if components else ""
+        batch_fields: dict[str, Any] = {}
+        if self._batch is not None and self._batch_tensors:
+            # The step's own batch: a NaN or out-of-range input explains the failure better than the lr.
+            batch_fields = {k: float(v) for k, v in self._batch_tensors.items()}
+            batch_fields.update(batch_identity(self._batch, batch_fields))
+            sample = batch_fields.get("batch_bad_sample")
+            if sample:
+                name = sample.get("image_id") or f"#{sample['index']}"
+                hint = (f"The input batch is bad: sample {name} holds "
+                        + ("non-finite values" if sample["nonfinite"] else
+                           f"values in [{sample['min']:.4g}, {sample['max']:.4g}], expected [0, 1]")
+                        + "; check the data loader")
         message = (f"non-finite {what} ({value}) at epoch {self.epoch + 1}, step {step}{detail}. "
                    f"{hint or self.non_finite_hint}.")
         self.write({"kind": "error", "name": "non_finite", "epoch": self.epoch, "step": step,
-                    "message": message, **finite})
+                    "message": message, **finite, **batch_fields})
         raise NonFiniteLossError(message)
 
     # ------------------------------------------------------------------ validation
@@ -452,6 +488,11 @@ class Instrumentation:
                 self._baselines.update({f"gt_proxy_{k}": v for k, v in scores.ground_truth.items()})
         record.update({f"val_proxy_{k}": v for k, v in scores.model.items()})
         record.update(self._baselines)
+        if self.spec.residual_active and self.config.instrument:
+            # The same model with its residual zeroed (the parametric warp alone): does the residual help?
+            without = score_subset(self.core, val_batches, residual_active=False, device=self.device,
+                                   with_baselines=False)
+            record.update({f"val_proxy_no_residual_{k}": v for k, v in without.model.items()})
         record["val_sample_count"] = scores.sample_count
         record["val_loss"] = scores.loss_sums["val_loss"] / max(1, scores.sample_count)
         if self.config.instrument:
@@ -465,9 +506,14 @@ class Instrumentation:
         decimals = self.config.checksum_decimals
         with _eval_mode(self.core):
             correction = correct(self.core, probe["input_image"], self.spec.residual_active)
+            again = correct(self.core, probe["input_image"], self.spec.residual_active)  # same input, same weights
             _, components = default_loss_fn(self.spec)(correction, probe["target_image"])
+            geometry = self._geometry(correction)
         proxy = proxy_score_batch(correction.prediction.float(), probe["target_image"].float())
         return {
+            "probe_repeat_max_abs_diff": float((again.prediction - correction.prediction).abs().max()),
+            "probe_residual_contrib_px_mean": float(geometry["residual_contrib_px_mean"]),
+            "probe_param_grid_disp_px_mean": float(geometry["param_grid_disp_px_mean"]),
             "probe_pred_checksum": tensor_checksum(correction.prediction, decimals),
             "probe_final_grid_checksum": tensor_checksum(correction.warp.final_grid.permute(0, 3, 1, 2), decimals),
             "probe_params_checksum": tensor_checksum(correction.params, decimals + 1),
@@ -602,3 +648,77 @@ def _identity_warp(image: torch.Tensor) -> WarpResult:
 
 def _now() -> float:
     return time.perf_counter()
+
+
+def batch_range_tensors(batch: Mapping) -> dict[str, torch.Tensor]:
+    """``batch_min`` / ``batch_max`` over input and target images and ``batch_nonfinite`` (count), 0-d."""
+    images = [batch[k] for k in ("input_image", "target_image") if isinstance(batch.get(k), torch.Tensor)]
+    if not images:
+        return {}
+    finite = [torch.nan_to_num(x.detach(), nan=0.5, posinf=0.5, neginf=0.5) for x in images]
+    return {"batch_min": torch.stack([x.amin() for x in finite]).amin().float(),
+            "batch_max": torch.stack([x.amax() for x in finite]).amax().float(),
+            "batch_nonfinite": sum((~torch.isfinite(x.detach())).sum() for x in images).float()}
+
+
+def batch_identity(batch: Mapping, record: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch_fingerprint`` (16 hex digits of the ordered sample ids, else of the pooled input) and,
+    when the batch is out of ``[0, 1]`` or not finite, ``batch_bad_sample`` naming the first bad sample."""
+    ids = [str(i) for i in batch.get("image_id", [])]
+    if ids:
+        fingerprint = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
+    else:
+        fingerprint = tensor_checksum(batch["input_image"].detach().float(), 3)
+    out: dict[str, Any] = {"batch_fingerprint": fingerprint}
+    out_of_range = record.get("batch_min", 0.0) < -RANGE_TOLERANCE or record.get("batch_max", 1.0) > 1 + RANGE_TOLERANCE
+    if out_of_range or record.get("batch_nonfinite", 0.0) > 0:
+        worst = None
+        for index in range(int(batch["input_image"].shape[0])):
+            sample = [batch[k][index] for k in ("input_image", "target_image") if isinstance(batch.get(k), torch.Tensor)]
+            nonfinite = any(not bool(torch.isfinite(x).all()) for x in sample)
+            low = min(float(torch.nan_to_num(x, nan=0.5).amin()) for x in sample)
+            high = max(float(torch.nan_to_num(x, nan=0.5).amax()) for x in sample)
+            if nonfinite or low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+                worst = {"index": index, "image_id": ids[index] if index < len(ids) else None,
+                         "nonfinite": nonfinite, "min": low, "max": high}
+                break
+        out["batch_bad_sample"] = worst
+    return out
+
+
+#: Images are ``[0, 1]``; resampling may overshoot by float rounding only.
+RANGE_TOLERANCE = 1e-3
+
+
+class OptimizerCoverage:
+    """Which parameters got a gradient (at any step) versus which the optimizer updates.
+
+    ``observe`` after each backward; ``report`` names parameters with gradients the optimizer does
+    not hold (created after it, or left out of it) and optimized parameters that never got a
+    gradient (``skip``: parameters the stage switches off, e.g. the residual head in stage 1).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None, skip: Iterable[nn.Parameter] = ()) -> None:
+        self.optimizer = optimizer
+        self._skip = {id(p) for p in skip}
+        self._with_grad: set[int] = set()
+        self.steps = 0
+
+    def observe(self, model: nn.Module) -> None:
+        self.steps += 1
+        for param in model.parameters():
+            if param.grad is not None:
+                self._with_grad.add(id(param))
+
+    def report(self, model: nn.Module) -> dict[str, Any] | None:
+        if self.optimizer is None or self.steps == 0:
+            return None
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        names = [(name, id(p)) for name, p in model.named_parameters()]
+        return {
+            "steps_observed": self.steps,
+            "optimized_tensors": len(optimized),
+            "grad_not_optimized": [n for n, i in names if i in self._with_grad and i not in optimized],
+            "optimized_never_grad": [n for n, i in names if i in optimized and i not in self._with_grad
+                                     and i not in self._skip],
+        }

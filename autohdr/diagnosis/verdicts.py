@@ -44,6 +44,12 @@ class JudgeConfig:
     clipping_max_frac: float = 0.5          # fraction of clipped steps allowed
     saturation_max_frac: float = 0.5        # median fraction of parameters at their bounds allowed
     init_atol: float = 1e-5                 # tolerance of the identity-at-init comparison
+    group_zero_grad_max_frac: float = 0.5   # a group with zero gradient on more steps than this is not learning
+    residual_min_ratio: float = 0.05        # residual contribution / parametric displacement floor (late median)
+    residual_hurts_max: float = 0.002       # val proxy may drop by at most this when the residual is switched on
+    eval_repeat_atol: float = 1e-5          # the same probe evaluated twice may differ by at most this
+    eval_residual_max_factor: float = 10.0  # eval vs training residual contribution: within this factor
+    batch_repeat_max_frac: float = 0.5      # steps whose batch equals the previous step's batch
 
 
 def _rows(history: pd.DataFrame, kind: str) -> pd.DataFrame:
@@ -81,7 +87,8 @@ def _missing_group(history: pd.DataFrame, group: str, signal: str) -> Verdict | 
     if start.empty or "parameter_groups" not in start.columns:
         return None
     summary = start.iloc[-1]["parameter_groups"]
-    if not isinstance(summary, dict) or group not in summary or summary[group].get("values", 0) > 0:
+    if (not isinstance(summary, dict) or group not in summary or summary[group].get("values", 0) > 0
+            or summary[group].get("measured", False)):
         return None
     return Verdict(signal, None, f"no parameters in group {group!r}: not judged; name its modules with "
                                  f"--groups {group}=MODULE.PATH or a parameter_groups() method on the model")
@@ -189,6 +196,14 @@ def residual_contributes(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     if late.median() <= cfg.residual_min_px:
         return Verdict("residual_contributes", False,
                        f"residual contribution stays at {late.median():.2e} px (<= {cfg.residual_min_px} px)", evidence)
+    ratio = _column(steps, "residual_to_param_disp_ratio_mean")
+    if ratio is not None:
+        late_ratio = float(ratio.iloc[len(ratio) // 2:].median())
+        evidence.update({"late_ratio_to_param": late_ratio, "min_ratio": cfg.residual_min_ratio})
+        if late_ratio < cfg.residual_min_ratio:
+            return Verdict("residual_contributes", False,
+                           f"residual contributes {late.median():.3g} px, only {late_ratio:.1%} of the parametric "
+                           f"displacement (floor {cfg.residual_min_ratio:.0%}): wrong units or scale?", evidence)
     return Verdict("residual_contributes", True, f"residual contributes {late.median():.4f} px (median, 2nd half)",
                    evidence)
 
@@ -208,7 +223,7 @@ def residual_head_learning(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     zero_delta = float((deltas == 0).mean())
     evidence = {"grad_zero_frac": zero_grad, "delta_zero_frac": zero_delta,
                 "grad_norm_median": float(grads.median()), "param_delta_median": float(deltas.median())}
-    if zero_grad > 0.5 or zero_delta > 0.5:
+    if zero_grad > cfg.group_zero_grad_max_frac or zero_delta > cfg.group_zero_grad_max_frac:
         return Verdict("residual_head_learning", False,
                        f"residual head gradient zero on {zero_grad:.0%} and update zero on {zero_delta:.0%} of steps",
                        evidence)
@@ -384,10 +399,180 @@ def param_head_learning(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
         return Verdict("param_head_learning", None, "no gradient norms recorded (instrumentation off)")
     zero = float((grads == 0).mean())
     evidence = {"grad_zero_frac": zero, "grad_norm_median": float(grads.median())}
-    if zero > 0.5:
+    if zero > cfg.group_zero_grad_max_frac:
         return Verdict("param_head_learning", False,
                        f"parameter head gradient is zero on {zero:.0%} of steps: is it detached from the warp?", evidence)
     return Verdict("param_head_learning", True, "parameter head gets gradients", evidence)
+
+
+def backbone_learning(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Good: the backbone gets a gradient on most steps (a head fed detached features starves it)."""
+    missing = _missing_group(history, "backbone", "backbone_learning")
+    if missing:
+        return missing
+    grads = _column(_rows(history, "train_step"), "grad_norm_backbone")
+    if grads is None:
+        return Verdict("backbone_learning", None, "no gradient norms recorded (instrumentation off)")
+    zero = float((grads == 0).mean())
+    evidence = {"grad_zero_frac": zero, "grad_norm_median": float(grads.median()),
+                "allowed_zero_frac": cfg.group_zero_grad_max_frac}
+    if zero > cfg.group_zero_grad_max_frac:
+        return Verdict("backbone_learning", False,
+                       f"backbone gradient is zero on {zero:.0%} of steps: are the heads fed detached "
+                       f"features, or is the backbone frozen?", evidence)
+    return Verdict("backbone_learning", True, f"backbone gets gradients ({1 - zero:.0%} of steps)", evidence)
+
+
+def optimizer_covers_params(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: parameters with gradients that the optimizer does not update, or optimized parameters
+    that never got a gradient (``run_end.optimizer_coverage``)."""
+    end = _rows(history, "run_end")
+    coverage = end.iloc[-1].get("optimizer_coverage") if not end.empty and "optimizer_coverage" in end else None
+    if not isinstance(coverage, dict):
+        return Verdict("optimizer_covers_params", None, "no optimizer coverage recorded (instrumentation off, "
+                                                        "or the hooks were given no optimizer)")
+    outside, idle = coverage.get("grad_not_optimized", []), coverage.get("optimized_never_grad", [])
+    evidence = dict(coverage)
+    problems = []
+    if outside:
+        problems.append(f"{len(outside)} parameter(s) get gradients but are not in the optimizer "
+                        f"(created after it?): {_names(outside)}")
+    if idle:
+        problems.append(f"{len(idle)} optimized parameter(s) never got a gradient: {_names(idle)}")
+    if problems:
+        return Verdict("optimizer_covers_params", False, "; ".join(problems), evidence)
+    return Verdict("optimizer_covers_params", True,
+                   f"the optimizer updates exactly the {coverage.get('optimized_tensors')} tensors that get gradients",
+                   evidence)
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def eval_deterministic(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: the same probe evaluated twice gives different predictions (dropout or noise at eval)."""
+    diffs = _column(_rows(history, "val_epoch"), "probe_repeat_max_abs_diff")
+    if diffs is None:
+        return Verdict("eval_deterministic", None, "no repeated probe recorded (instrumentation off)")
+    worst = float(diffs.max())
+    evidence = {"probe_repeat_max_abs_diff": worst, "allowed": cfg.eval_repeat_atol}
+    if not worst <= cfg.eval_repeat_atol:
+        return Verdict("eval_deterministic", False,
+                       f"the same probe evaluated twice differs by {worst:.3g}: is dropout or noise active in "
+                       f"eval mode?", evidence)
+    return Verdict("eval_deterministic", True, f"the probe repeats to {worst:.1e}", evidence)
+
+
+def eval_residual_matches_train(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad (stages 2/3): the residual's contribution at evaluation is not of the order seen in training
+    (a residual branch on in training but off at eval, or the reverse)."""
+    off = _residual_off(history, "eval_residual_matches_train")
+    if off:
+        return off
+    val = _rows(history, "val_epoch")
+    steps = _rows(history, "train_step")
+    at_eval = _column(val, "probe_residual_contrib_px_mean")
+    in_train = _column(steps, "residual_contrib_px_mean")
+    if at_eval is None or in_train is None:
+        return Verdict("eval_residual_matches_train", None, "no residual metrics recorded (instrumentation off)")
+    last_epoch = steps[steps["epoch"] == steps["epoch"].max()]["residual_contrib_px_mean"].dropna()
+    train_px = float(last_epoch.median()) if len(last_epoch) else float(in_train.iloc[-1])
+    eval_px = float(at_eval.iloc[-1])
+    evidence = {"train_residual_px": train_px, "eval_residual_px": eval_px, "max_factor": cfg.eval_residual_max_factor}
+    if max(train_px, eval_px) <= cfg.residual_min_px:
+        return Verdict("eval_residual_matches_train", None,
+                       "the residual is below its floor in training and at eval: nothing to compare", evidence)
+    factor = max(train_px, eval_px) / max(min(train_px, eval_px), 1e-12)
+    evidence["factor"] = factor
+    if factor > cfg.eval_residual_max_factor:
+        return Verdict("eval_residual_matches_train", False,
+                       f"residual contributes {train_px:.3g} px in training but {eval_px:.3g} px at evaluation: "
+                       f"is the residual branch switched differently in eval mode?", evidence)
+    return Verdict("eval_residual_matches_train", True,
+                   f"residual {eval_px:.3g} px at eval vs {train_px:.3g} px in training", evidence)
+
+
+def residual_helps(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad (stages 2/3): the validation score with the residual is worse than the same model's with
+    the residual zeroed (the parametric warp alone)."""
+    off = _residual_off(history, "residual_helps")
+    if off:
+        return off
+    val = _rows(history, "val_epoch")
+    without = _column(val, "val_proxy_no_residual_total")
+    if without is None:
+        return Verdict("residual_helps", None, "no residual-zeroed validation recorded (instrumentation off)")
+    last = val.iloc[-1]
+    with_residual, alone = float(last["val_proxy_total"]), float(last["val_proxy_no_residual_total"])
+    gain = with_residual - alone
+    evidence = {"val_proxy_total": with_residual, "val_proxy_no_residual_total": alone, "gain": gain,
+                "allowed_loss": cfg.residual_hurts_max}
+    if gain < -cfg.residual_hurts_max:
+        return Verdict("residual_helps", False,
+                       f"the residual makes the score worse: {with_residual:.4f} with it vs {alone:.4f} with it "
+                       f"zeroed ({gain:+.4f})", evidence)
+    return Verdict("residual_helps", True, f"with the residual {with_residual:.4f} vs {alone:.4f} without "
+                                           f"({gain:+.4f})", evidence)
+
+
+def batches_in_range(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: a training batch holds values outside [0, 1] or non-finite values (named by step and sample)."""
+    steps = history[history["kind"].isin(["train_step", "error"])] if "kind" in history else history.iloc[0:0]
+    low, high = _column(steps, "batch_min"), _column(steps, "batch_max")
+    if low is None or high is None:
+        return Verdict("batches_in_range", None, "no batch ranges recorded (instrumentation off)")
+    steps = steps[steps["batch_min"].notna()]
+    nonfinite = steps["batch_nonfinite"].fillna(0) if "batch_nonfinite" in steps else pd.Series(0, index=steps.index)
+    tol = 1e-3
+    bad = steps[(steps["batch_min"] < -tol) | (steps["batch_max"] > 1 + tol) | (nonfinite > 0)]
+    evidence = {"batch_min": float(low.min()), "batch_max": float(high.max()),
+                "nonfinite_values": float(nonfinite.sum()), "bad_steps": int(len(bad))}
+    if bad.empty:
+        return Verdict("batches_in_range", True, f"every batch in [{low.min():.3g}, {high.max():.3g}]", evidence)
+    first = bad.iloc[0]
+    sample = first.get("batch_bad_sample") if "batch_bad_sample" in bad else None
+    where = f"step {int(first['step'])}"
+    if isinstance(sample, dict):
+        where += f", sample {sample.get('image_id') or '#' + str(sample.get('index'))}"
+        evidence["first_bad_sample"] = sample
+    if float(nonfinite.loc[first.name]) > 0:
+        what = f"{int(nonfinite.loc[first.name])} non-finite value(s)"
+    else:
+        what = f"values in [{first['batch_min']:.4g}, {first['batch_max']:.4g}], expected [0, 1]"
+    return Verdict("batches_in_range", False, f"{len(bad)} training batch(es) out of range; first at {where}: {what}",
+                   evidence)
+
+
+def batches_vary(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: the loader repeats the same batch (same samples in the same order) step after step."""
+    prints = _column(_rows(history, "train_step"), "batch_fingerprint")
+    if prints is None or len(prints) < 3:
+        return Verdict("batches_vary", None, "needs >= 3 fingerprinted training batches (instrumentation off?)")
+    repeats = float((prints.iloc[1:].to_numpy() == prints.iloc[:-1].to_numpy()).mean())
+    evidence = {"repeat_frac": repeats, "distinct_batches": int(prints.nunique()), "steps": int(len(prints)),
+                "allowed_repeat_frac": cfg.batch_repeat_max_frac}
+    if repeats > cfg.batch_repeat_max_frac:
+        return Verdict("batches_vary", False, f"the same batch as the step before on {repeats:.0%} of steps "
+                                              f"({prints.nunique()} distinct in {len(prints)}): is the loader "
+                                              f"returning one cached batch?", evidence)
+    return Verdict("batches_vary", True, f"{prints.nunique()} distinct batches in {len(prints)} steps", evidence)
+
+
+def pairs_match_ground_truth(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad (with ground truth): the recorded ground-truth warp does not beat identity on its own pairs,
+    so inputs and targets are mispaired, swapped, or the ground truth belongs to other images."""
+    val = _rows(history, "val_epoch")
+    gt, ident = _column(val, "gt_proxy_total"), _column(val, "identity_proxy_total")
+    if gt is None or ident is None:
+        return Verdict("pairs_match_ground_truth", None, "no ground truth for these pairs: not judged")
+    margin = float(gt.iloc[-1]) - float(ident.iloc[-1])
+    evidence = {"gt_proxy_total": float(gt.iloc[-1]), "identity_proxy_total": float(ident.iloc[-1]), "margin": margin}
+    if margin <= 0:
+        return Verdict("pairs_match_ground_truth", False,
+                       f"the ground-truth warp scores {gt.iloc[-1]:.4f}, below identity's {ident.iloc[-1]:.4f}, on its "
+                       f"own pairs: are inputs and targets mispaired or swapped?", evidence)
+    return Verdict("pairs_match_ground_truth", True, f"ground truth beats identity by {margin:.4f}", evidence)
 
 
 def ranks_in_sync(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
@@ -427,6 +612,14 @@ SIGNALS: dict[str, Callable[[pd.DataFrame, JudgeConfig], Verdict]] = {
     "param_head_not_saturated": param_head_not_saturated,
     "param_head_learning": param_head_learning,
     "ranks_in_sync": ranks_in_sync,
+    "backbone_learning": backbone_learning,
+    "optimizer_covers_params": optimizer_covers_params,
+    "eval_deterministic": eval_deterministic,
+    "eval_residual_matches_train": eval_residual_matches_train,
+    "residual_helps": residual_helps,
+    "batches_in_range": batches_in_range,
+    "batches_vary": batches_vary,
+    "pairs_match_ground_truth": pairs_match_ground_truth,
 }
 
 

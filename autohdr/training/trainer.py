@@ -350,7 +350,8 @@ class Trainer:
         cfg, hooks = self.config, self.hooks
         image = batch["input_image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
         target = batch["target_image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
-        hooks.on_train_batch_start()
+        hooks.on_train_batch_start({"input_image": image, "target_image": target,
+                                    "image_id": batch.get("image_id", [])})
         with self._autocast():
             correction = correct(self.model, image, self.spec.residual_active)
             total, components = self._loss(correction, target)

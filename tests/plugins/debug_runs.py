@@ -35,13 +35,16 @@ class RunSpec:
     """A debug run: a mode, optionally broken by a fault, with preset overrides.
 
     ``model`` names a model class in :mod:`tests.faults` (``None``: the healthy model);
-    ``loader_sleep_s > 0`` wraps the training loader in :class:`tests.faults.SleepingLoader`.
+    ``loader_sleep_s > 0`` wraps the training loader in :class:`tests.faults.SleepingLoader`;
+    ``loader_fault`` names a loader wrapper in :mod:`tests.faults` (a data bug) for the training
+    loader, and for the validation loader too where the wrapper says ``applies_to_val``.
     """
 
     name: str
     mode: str
     model: str | None = None
     loader_sleep_s: float = 0.0
+    loader_fault: str | None = None
     overrides: tuple[tuple[str, Any], ...] = ()
     epochs: int | None = None
     seed: int = 0
@@ -70,12 +73,17 @@ def _train(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
     overrides = dict(spec.overrides)
     model = getattr(faults, spec.model)() if spec.model else None
     train_loader = val_loader = None
-    if spec.loader_sleep_s > 0:
+    if spec.loader_sleep_s > 0 or spec.loader_fault:
         preset = load_preset(spec.mode, overrides)
         data = data_preset_from_env(preset.data)
         train_rows, val_rows = select_rows(default_fixture_root(), data)
         train_loader, val_loader = build_loaders(train_rows, val_rows, data, spec.seed)
-        train_loader = faults.SleepingLoader(train_loader, spec.loader_sleep_s)
+        if spec.loader_sleep_s > 0:
+            train_loader = faults.SleepingLoader(train_loader, spec.loader_sleep_s)
+        if spec.loader_fault:
+            wrapper = getattr(faults, spec.loader_fault)
+            train_loader = wrapper(train_loader)
+            val_loader = wrapper(val_loader) if wrapper.applies_to_val else val_loader
     return run_debug_mode(spec.mode, model=model, train_loader=train_loader, val_loader=val_loader,
                           out_dir=out_dir, device="cpu", seed=spec.seed, overrides=overrides,
                           epochs=spec.epochs, plots=False, log=lambda message: None)
