@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from autohdr.diagnosis.debug import build_loaders, resolve_preset, select_rows
+from autohdr.diagnosis.debug import build_loaders, load_ground_truth, resolve_preset, select_rows
 from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, default_loss_fn
 from autohdr.diagnosis.verdicts import Verdict, judge
 from autohdr.data.settings import default_fixture_root
@@ -37,6 +37,7 @@ def train_by_hand(out_dir: Path, mode: str = "stage2_probe", *, model: nn.Module
 
     # ---- the loop a user writes, with the hooks at their natural points
     hooks = Instrumentation(model, optimizer, out_dir, stage=cfg.stage, groups=groups, loss_fn=loss_fn,
+                            ground_truth=load_ground_truth(default_fixture_root()),
                             config=InstrumentationConfig.from_train_config(cfg), log=lambda message: None)
     hooks.on_train_start(val_loader)
     for epoch in range(cfg.epochs):
