@@ -40,6 +40,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset key, e.g. --set train.lr=1e-3 --set data.num_pairs=48")
     parser.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint's weights")
+    parser.add_argument("--group-regex", default=None, metavar="REGEX",
+                        help="photoshoot of a pair id, as the named group 'group' of REGEX: pairs of one "
+                             "photoshoot stay on one side of the train/val split (default: $AUTOHDR_GROUP_REGEX, "
+                             "else the preset's data.group_regex, '^(?P<group>.+)_g\\d+$'); 'none': split by pair")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
 
@@ -79,6 +83,10 @@ def _run(args, mode: str, overrides: list[str], resume=None) -> int:
     from autohdr.diagnosis.debug import run_debug_mode
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.group_regex is not None:
+        from autohdr.data.pairs import compile_group_regex
+        compile_group_regex(args.group_regex, "--group-regex")
+        overrides = [*overrides, f"data.group_regex={args.group_regex}"]
     report = run_debug_mode(mode, data_root=args.data_root, out_dir=args.out, device=args.device, seed=args.seed,
                             overrides=overrides, epochs=args.epochs, model_factory=args.model_factory,
                             init_from=args.init_from, resume_from=resume, plots=not args.no_plots)
