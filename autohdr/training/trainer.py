@@ -39,7 +39,7 @@ from autohdr.diagnosis.instrumentation import (
 )
 from autohdr.lens.losses import composite_loss
 from autohdr.diagnosis.metrics_log import MetricsWriter
-from autohdr.lens.model import DEFAULT_PARAM_BOUNDS
+from autohdr.lens.model import resolve_param_bounds
 from autohdr.lens.proxy import proxy_score_batch
 
 
@@ -116,7 +116,9 @@ class Trainer:
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.core = unwrap_model(model)
         self.groups = parameter_groups(self.core)
-        self.param_bounds = getattr(self.core, "param_bounds", DEFAULT_PARAM_BOUNDS)
+        self.param_bounds, notice = resolve_param_bounds(self.core)
+        if notice:
+            self.info(notice)
         self.trainable = [p for name, ps in self.groups.items() for p in ps
                           if p.requires_grad and (self.spec.residual_active or name != "residual_head")]
         if not self.trainable:
@@ -248,6 +250,7 @@ class Trainer:
                 "identity_loss": float(identity_loss),
                 "init_params_max_abs_dev": float((correction.params - correction.params.new_tensor(
                     [0, 0, 0, 0, 0, 0, 0, 1.0])).abs().max()),
+                "init_image_height": int(image.shape[-2]), "init_image_width": int(image.shape[-1]),
             }
         finally:
             self.core.train(was_training)
