@@ -7,11 +7,12 @@
 stdout: ``{"stage", "sample_count", "identity", "model", "delta_model_minus_identity"}``, each score
 dict with ``total, edge, line, grad, ssim, mae, hard_fail`` (``hard_fail``: fraction of samples).
 ``--stage`` defaults to the checkpoint's stage; ``--resize-hw`` and ``--batch-size`` to the run's
-(``report.json`` beside the checkpoint), else 128,128 and 8. A checkpoint of a custom model (trained
-with ``autohdr debug --model-factory``) needs the same ``--model-factory``: the factory builds the
-model and the checkpoint's weights are loaded into it (a mismatch names the first key). At the run's batch size the scores equal
-the trainer's logged ``val_proxy_*`` exactly; another batch size can differ by ~1e-6 (CPU kernels). Progress goes to stderr. Exit codes: 0 done, 2 bad usage or input
-(one line on stderr). Nothing is written under the images' folders.
+(``report.json`` beside the checkpoint), else 128,128 and 8. At the run's batch size the scores
+equal the trainer's logged ``val_proxy_*`` exactly; another batch size can differ by ~1e-6 (CPU
+kernels). A checkpoint of a custom model (trained with ``autohdr debug --model-factory``) needs
+the same ``--model-factory``: the factory builds the model and the checkpoint's weights are
+loaded into it (a mismatch names the first key). Progress goes to stderr. Exit codes: 0 done, 2
+bad usage or input (one line on stderr). Nothing is written under the images' folders.
 """
 
 from __future__ import annotations

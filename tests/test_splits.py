@@ -182,7 +182,8 @@ class TestGroupRegexSettings:
 
 @pytest.fixture
 def one_shoot_root(tmp_path) -> Path:
-    """4 pairs ``shootA_g0, shootA_g1, shootB_g0, shootB_g1``: two photoshoots by default, one by ``^(?P<group>shoot)``."""
+    """4 pairs ``shootA_g0, shootA_g1, shootB_g0, shootB_g1``: two photoshoots by default, one by
+    ``^(?P<group>shoot)``."""
     for name in ("A", "B"):
         for k in range(2):
             write_pair(tmp_path / "data", f"shoot{name}_g{k}", size=(16, 16))
