@@ -44,6 +44,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "param_head=net.head,residual_head=net.flow (several prefixes: a+b); default: "
                              "the model's parameter_groups(), else submodules named like the groups")
     parser.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint's weights")
+    parser.add_argument("--group-regex", default=None, metavar="REGEX",
+                        help="photoshoot of a pair id, as the named group 'group' of REGEX: pairs of one "
+                             "photoshoot stay on one side of the train/val split (default: $AUTOHDR_GROUP_REGEX, "
+                             "else the preset's data.group_regex, '^(?P<group>.+)_g\\d+$'); 'none': split by pair")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
 
@@ -85,6 +89,10 @@ def _run(args, mode: str, overrides: list[str], resume=None) -> int:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     from autohdr.diagnosis.instrumentation import parse_group_spec
     groups = parse_group_spec(args.groups) if args.groups is not None else None
+    if args.group_regex is not None:
+        from autohdr.data.pairs import compile_group_regex
+        compile_group_regex(args.group_regex, "--group-regex")
+        overrides = [*overrides, f"data.group_regex={args.group_regex}"]
     report = run_debug_mode(mode, data_root=args.data_root, out_dir=args.out, device=args.device, seed=args.seed,
                             overrides=overrides, epochs=args.epochs, model_factory=args.model_factory, groups=groups,
                             init_from=args.init_from, resume_from=resume, plots=not args.no_plots)

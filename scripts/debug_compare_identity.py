@@ -1,15 +1,18 @@
 """Identity warp versus a checkpoint's model on exactly the same subset; prints a JSON summary.
 
     python scripts/debug_compare_identity.py --checkpoint RUN/best.pt --split-csv RUN/val_split.csv
-        [--stage S] [--device auto|cpu|cuda[:N]] [--max-batches N] [--batch-size N]
-        [--resize-hw H,W|none] [--json-out FILE]
+        [--model-factory MODULE:FUNCTION] [--stage S] [--device auto|cpu|cuda[:N]] [--max-batches N]
+        [--batch-size N] [--resize-hw H,W|none] [--json-out FILE]
 
 stdout: ``{"stage", "sample_count", "identity", "model", "delta_model_minus_identity"}``, each score
 dict with ``total, edge, line, grad, ssim, mae, hard_fail`` (``hard_fail``: fraction of samples).
 ``--stage`` defaults to the checkpoint's stage; ``--resize-hw`` and ``--batch-size`` to the run's
-(``report.json`` beside the checkpoint), else 128,128 and 8. At the run's batch size the scores equal
-the trainer's logged ``val_proxy_*`` exactly; another batch size can differ by ~1e-6 (CPU kernels). Progress goes to stderr. Exit codes: 0 done, 2 bad usage or input
-(one line on stderr). Nothing is written under the images' folders.
+(``report.json`` beside the checkpoint), else 128,128 and 8. At the run's batch size the scores
+equal the trainer's logged ``val_proxy_*`` exactly; another batch size can differ by ~1e-6 (CPU
+kernels). A checkpoint of a custom model (trained with ``autohdr debug --model-factory``) needs
+the same ``--model-factory``: the factory builds the model and the checkpoint's weights are
+loaded into it (a mismatch names the first key). Progress goes to stderr. Exit codes: 0 done, 2
+bad usage or input (one line on stderr). Nothing is written under the images' folders.
 """
 
 from __future__ import annotations
@@ -86,13 +89,15 @@ def run(args: argparse.Namespace) -> dict:
     )
     from autohdr.training.config import stage_spec
     from autohdr.diagnosis.debug import resolve_device
+    from autohdr.lens.model import LensCorrectionModel
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
     stage = stage_spec(args.stage).name if args.stage else checkpoint_stage(payload)
-    model = model_from_checkpoint(payload, device)
+    model = model_from_checkpoint(payload, device, model_factory=args.model_factory, source=args.checkpoint)
     if args.resize_hw is None:
         resize_hw = run_resize_hw(args.checkpoint) or DEFAULT_RESIZE_HW
-    factor = 2 ** len(model.config.widths)
+    # LensCorrectionModel's size rule, checked up front; a custom model checks its own input
+    factor = 2 ** len(model.config.widths) if isinstance(model, LensCorrectionModel) else 1
     if resize_hw is not None and (resize_hw[0] % factor or resize_hw[1] % factor):
         raise ValueError(f"--resize-hw expects H and W divisible by {factor} for this model, "
                          f"got {resize_hw[0]},{resize_hw[1]}")
@@ -108,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a trainer checkpoint (best.pt, last.pt)")
     parser.add_argument("--split-csv", type=Path, required=True, help="image_id,input_path,target_path CSV")
+    parser.add_argument("--model-factory", default=None, metavar="MODULE:FUNCTION",
+                        help="build the model with this callable (as autohdr debug --model-factory) and load the "
+                             "checkpoint's weights into it; needed for checkpoints of custom models")
     parser.add_argument("--stage", default=None, help="stage to evaluate in (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--max-batches", type=int, default=None, help="score only the first N batches")

@@ -401,3 +401,91 @@ def test_model_config_round_trips_through_a_checkpoint():
     model = LensCorrectionModel(config)
     rebuilt = model_from_checkpoint({"model": model.state_dict(), "model_config": to_dict(config)})
     assert rebuilt.config == config
+
+
+# ------------------------------------------------------------------------------ a custom model (--model-factory)
+
+CUSTOM_FACTORY = "tests.user_models:atanh_lens_model"
+CUSTOM_HW = (64, 64)
+
+
+def run_script_with_tests_importable(*args) -> subprocess.CompletedProcess:
+    """:func:`run_script` with the repository root on ``PYTHONPATH``, so ``tests.user_models`` imports
+    (as ``--model-factory`` documents: the module must be installed or on ``PYTHONPATH``)."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
+
+
+@pytest.fixture(scope="module")
+def custom_checkpoint(tmp_path_factory, fixture_root):
+    """The user's model (tests/user_models.py: own modules, own config with ``backbone_name``) with
+    its head moved off the identity, saved by the real Trainer as ``best.pt``, and a 4-pair split."""
+    from autohdr.data import scan_pairs
+    from autohdr.training.config import TrainConfig
+    from autohdr.training.trainer import Trainer
+    from tests.user_models import atanh_lens_model
+    folder = tmp_path_factory.mktemp("custom-model")
+    rows = scan_pairs(fixture_root).iloc[:4]
+    csv = write_split_csv(rows, folder / "val_split.csv")
+    dataset = PairDataset(rows, resize_hw=CUSTOM_HW)
+    batch = {k: torch.stack([dataset[i][k] for i in range(4)]) for k in ("input_image", "target_image")}
+    model = atanh_lens_model()
+    with torch.no_grad():
+        model.head.bias[0] += 0.3  # k1 = 0.5 tanh(0.3) = 0.146: a visible lens, so whose weights are scored shows
+    trainer = Trainer(model, TrainConfig(stage="stage2_hybrid", epochs=1, progress=False), [batch], [batch],
+                      out_dir=folder, log=lambda message: None)
+    return trainer.save("best.pt"), csv, model.eval()
+
+
+class TestCustomModelCheckpoint:
+    def test_model_factory_scores_the_checkpoints_weights(self, custom_checkpoint):
+        path, csv, model = custom_checkpoint
+        result = run_script_with_tests_importable("--checkpoint", path, "--split-csv", csv, "--device", "cpu",
+                                                  "--model-factory", CUSTOM_FACTORY, "--resize-hw", "64,64",
+                                                  "--batch-size", 2)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["stage"] == "stage2_hybrid" and summary["sample_count"] == 4
+        loader = make_loader(PairDataset(read_split_csv(csv), resize_hw=CUSTOM_HW), batch_size=2, shuffle=False)
+        expected = compare_identity(model, loader, residual_active=True, device="cpu")
+        assert summary["model"] == pytest.approx(expected["model"], **SAME_SCORE)
+        assert abs(summary["delta_model_minus_identity"]["total"]) > 1e-3  # not a fresh (identity) model
+
+    def test_without_model_factory_says_to_pass_one(self, custom_checkpoint):
+        path, csv, _ = custom_checkpoint
+        result = run_script("--checkpoint", path, "--split-csv", csv, "--device", "cpu")
+        assert_one_line_error(result, f"checkpoint {path} model_config", "unknown key 'backbone_name'",
+                              "pass --model-factory MODULE:FUNCTION")
+
+    def test_without_model_config_says_to_pass_a_factory(self, custom_checkpoint):
+        payload = load_checkpoint(custom_checkpoint[0])
+        payload.pop("model_config")
+        with pytest.raises(ValueError, match="has no model_config .*pass --model-factory"):
+            model_from_checkpoint(payload, source=custom_checkpoint[0])
+        model = model_from_checkpoint(payload, model_factory=CUSTOM_FACTORY, source=custom_checkpoint[0])
+        for name, tensor in custom_checkpoint[2].state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+    def test_factory_whose_model_does_not_fit(self, custom_checkpoint):
+        path = custom_checkpoint[0]
+        with pytest.raises(ValueError) as info:
+            model_from_checkpoint(load_checkpoint(path), model_factory="tests.user_models:wider_atanh_lens_model",
+                                  source=path)
+        message = str(info.value)
+        assert message.startswith(f"checkpoint {path}: its weights do not fit the model of --model-factory "
+                                  "tests.user_models:wider_atanh_lens_model")
+        assert "first mismatched key 'encoder.0.weight' has shape (8, 3, 3, 3) in the checkpoint, " \
+               "(16, 3, 3, 3) in the model" in message
+
+    def test_autohdr_checkpoint_into_a_custom_model(self, overfit_run):
+        with pytest.raises(ValueError, match=r"^the checkpoint: its weights do not fit the model of --model-factory "
+                                             r"tests\.user_models:atanh_lens_model: first mismatched key 'centre' "
+                                             r"is missing from the checkpoint \(\d+ mismatched in all\)$"):
+            model_from_checkpoint(load_checkpoint(overfit_run.out_dir / "best.pt"), model_factory=CUSTOM_FACTORY)
+
+    @pytest.mark.parametrize("spec, fragment", [("atanh_lens_model", "must look like MODULE:FUNCTION"),
+                                                ("tests.user_models:absent", "has no callable 'absent'")])
+    def test_bad_factory(self, custom_checkpoint, spec, fragment):
+        with pytest.raises(ValueError, match=fragment):
+            model_from_checkpoint(load_checkpoint(custom_checkpoint[0]), model_factory=spec)

@@ -95,13 +95,23 @@ def _check_columns(df: pd.DataFrame, what: str) -> None:
                         f"has {list(map(str, df.columns))})")
 
 
-def write_split_csv(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``image_id, input_path, target_path`` (then any extra columns) to ``path``; returns it."""
+def split_csv_text(df: pd.DataFrame) -> str:
+    """The CSV text of a split table: ``image_id, input_path, target_path``, then any extra columns."""
     _check_columns(df, "split table")
+    extra = [c for c in df.columns if c not in SPLIT_COLUMNS]
+    return df[list(SPLIT_COLUMNS) + extra].to_csv(index=False)
+
+
+def write_split_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write :func:`split_csv_text` of ``df`` to ``path`` (the caller's chosen file); returns it.
+
+    autohdr's own split folders go through :func:`autohdr.data.split_files.write_owned_files`,
+    which never replaces a file autohdr did not write.
+    """
+    text = split_csv_text(df)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    extra = [c for c in df.columns if c not in SPLIT_COLUMNS]
-    df[list(SPLIT_COLUMNS) + extra].to_csv(path, index=False)
+    path.write_bytes(text.encode("utf-8"))
     return path
 
 
@@ -139,21 +149,91 @@ def read_split_csv(path: str | Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def train_val_split(df: pd.DataFrame, val_frac: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Seeded disjoint split; both parts keep the input order and a fresh index.
+#: Default photoshoot pattern: ids ``<group>_g<k>`` (``k`` digits) belong to photoshoot ``<group>``.
+DEFAULT_GROUP_REGEX = r"^(?P<group>.+)_g\d+$"
+#: Values of a group regex that switch grouping off (every pair is its own group).
+NO_GROUPING: tuple[str, ...] = ("", "none")
 
-    The validation part has ``round(len * val_frac)`` rows, at least 1 and at most ``len - 1`` when
-    ``len >= 2`` (a single row goes to train and validation is empty).
+
+def compile_group_regex(pattern: str | None, where: str = "group regex") -> re.Pattern[str] | None:
+    """``pattern`` compiled, or ``None`` when grouping is off (``None``, ``""`` or ``"none"``).
+
+    Raises:
+        ValueError: naming ``where`` and the pattern, when it is not a valid regular expression or
+            has no named group ``group`` (the part of an id that names its photoshoot).
+    """
+    if pattern is None or pattern.strip().lower() in NO_GROUPING:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{where} {pattern!r} is not a valid regular expression ({exc})") from None
+    if "group" not in compiled.groupindex:
+        raise ValueError(f"{where} {pattern!r} has no named group 'group': mark the part of an id that names "
+                         f"its photoshoot, e.g. '{DEFAULT_GROUP_REGEX}', or pass 'none' to split by pair")
+    return compiled
+
+
+def pair_groups(image_ids: Sequence[Any], pattern: str | None = DEFAULT_GROUP_REGEX) -> list[str]:
+    """The photoshoot group of each id: the ``group`` match of ``pattern`` (``re.search``), else the id.
+
+    An id that does not match (or whose ``group`` does not take part in the match) is its own
+    group, so with ``pattern=None`` every pair is its own group.
+
+    >>> pair_groups(["a1_g0", "a1_g1", "b7_g0", "lone"])
+    ['a1', 'a1', 'b7', 'lone']
+    """
+    compiled = compile_group_regex(pattern)
+    groups = []
+    for image_id in map(str, image_ids):
+        match = compiled.search(image_id) if compiled is not None else None
+        groups.append(match["group"] if match is not None and match["group"] is not None else image_id)
+    return groups
+
+
+def train_val_split(df: pd.DataFrame, val_frac: float, seed: int,
+                    group_regex: str | None = DEFAULT_GROUP_REGEX) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seeded disjoint split by photoshoot group; both parts keep the input order and a fresh index.
+
+    Pairs of one group (:func:`pair_groups` of ``image_id`` with ``group_regex``) always land on
+    the same side, so no photoshoot is in both training and validation. The validation target is
+    ``round(len * val_frac)`` rows, at least 1 and at most ``len - 1`` when ``len >= 2`` (a single
+    row goes to train and validation is empty). The groups, in order of first appearance, are
+    permuted with ``seed``; each group joins validation when it still fits under the target, so
+    validation holds at most the target (fewer when the groups do not add up to it exactly), and
+    when even the first group is larger than the target, validation is that group alone. With one
+    pair per group this is the plain per-pair split: the first ``target`` pairs of a seeded
+    permutation.
+
+    Raises:
+        ValueError: ``val_frac`` not in ``(0, 1)``, or an invalid ``group_regex``.
+        DataError: an empty table, or two or more pairs that all belong to one group.
     """
     if not 0.0 < val_frac < 1.0:
         raise ValueError(f"val_frac must be strictly between 0 and 1, got {val_frac}")
     n = len(df)
     if n == 0:
         raise DataError("cannot split an empty table of pairs")
-    n_val = min(n - 1, max(1, int(round(n * val_frac)))) if n >= 2 else 0
-    order = np.random.default_rng(seed).permutation(n)
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return df.iloc[train_idx].reset_index(drop=True), df.iloc[val_idx].reset_index(drop=True)
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(pair_groups(df["image_id"].tolist(), group_regex)):
+        members.setdefault(group, []).append(index)
+    groups = list(members.values())
+    if n >= 2 and len(groups) < 2:
+        raise DataError(f"all {n} pairs belong to one photoshoot group {next(iter(members))!r} (group regex "
+                        f"'{group_regex}'): a train/val split needs two groups; pass a --group-regex that "
+                        f"separates the photoshoots, or 'none' to split by pair")
+    target = min(n - 1, max(1, int(round(n * val_frac)))) if n >= 2 else 0
+    order = np.random.default_rng(seed).permutation(len(groups))
+    val: list[int] = []
+    for g in order:
+        if len(val) + len(groups[g]) <= target:
+            val.extend(groups[g])
+    if not val and target:
+        val = list(groups[order[0]])
+    in_val = np.zeros(n, dtype=bool)
+    in_val[val] = True
+    train_rows, val_rows = df.iloc[np.flatnonzero(~in_val)], df.iloc[np.flatnonzero(in_val)]
+    return train_rows.reset_index(drop=True), val_rows.reset_index(drop=True)
 
 
 def select_pairs(rows: pd.DataFrame, num_pairs: int, seed: int = 0, shuffle: bool = False) -> pd.DataFrame:
@@ -186,6 +266,9 @@ def prepare_overfit_split(data_root: str | Path, out_dir: str | Path, num_pairs:
                           shuffle: bool = False) -> dict[str, Any]:
     """Write ``train_split.csv`` and ``val_split.csv`` with the SAME rows (train == val on purpose).
 
+    The files go through :func:`autohdr.data.split_files.write_owned_files`: existing files of
+    these names are replaced only when autohdr wrote them and they are unchanged since.
+
     The rows are checked with :func:`validate_pairs` first. Also writes ``overfit_report.json``
     and returns its content: ``data_root, num_pairs_requested, num_pairs_available,
     num_pairs_written, seed, shuffle, train_split, val_split, image_ids, note`` (``note`` says when
@@ -193,14 +276,18 @@ def prepare_overfit_split(data_root: str | Path, out_dir: str | Path, num_pairs:
 
     Raises:
         ValueError: ``num_pairs < 1``.
-        DataError: the data root is missing or has no pairs, bad pairs, or ``out_dir`` lies inside the
-            data root (the dataset is immutable).
+        DataError: the data root is missing or has no pairs, bad pairs, ``out_dir`` lies inside the
+            data root (the dataset is immutable), or it holds a split file autohdr did not write
+            (or that changed since).
     """
     if num_pairs < 1:
         raise ValueError(f"number of pairs must be >= 1, got {num_pairs}")
     root = Path(data_root).expanduser().absolute()
     out = Path(out_dir).expanduser().absolute()
     ensure_outside_data_root(out, root, "out dir")
+    from autohdr.data.split_files import check_replaceable, write_owned_files  # imports this module
+    names = ("train_split.csv", "val_split.csv", "overfit_report.json")
+    check_replaceable(out, names)  # before decoding every image: a refusal comes at once
     rows = scan_pairs(root)
     chosen = select_pairs(rows, num_pairs, seed, shuffle)
     from autohdr.data.dataset import validate_pairs  # decoding lives there; imported late, no torch
@@ -208,13 +295,12 @@ def prepare_overfit_split(data_root: str | Path, out_dir: str | Path, num_pairs:
     note = None
     if len(chosen) < num_pairs:
         note = f"requested {num_pairs} pairs but only {len(rows)} exist in {root}; wrote {len(chosen)}"
-    train_csv = write_split_csv(chosen, out / "train_split.csv")
-    val_csv = write_split_csv(chosen, out / "val_split.csv")
     report = {
         "data_root": str(root), "num_pairs_requested": int(num_pairs), "num_pairs_available": len(rows),
         "num_pairs_written": len(chosen), "seed": int(seed), "shuffle": bool(shuffle),
-        "train_split": str(train_csv), "val_split": str(val_csv),
+        "train_split": str(out / names[0]), "val_split": str(out / names[1]),
         "image_ids": chosen["image_id"].tolist(), "note": note,
     }
-    (out / "overfit_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    csv = split_csv_text(chosen)
+    write_owned_files(out, {names[0]: csv, names[1]: csv, names[2]: json.dumps(report, indent=2)})
     return report

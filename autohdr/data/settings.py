@@ -6,14 +6,20 @@ Variables (an unset or blank variable keeps the default):
 variable                    field           format
 ==========================  ==============  ==========================================
 ``AUTOHDR_DATA_ROOT``       ``data_root``   folder of ``<id>_original`` / ``<id>_generated`` pairs
-``AUTOHDR_SPLIT_DIR``       ``split_dir``   folder for the split CSVs
+``AUTOHDR_SPLIT_DIR``       ``split_dir``   folder autohdr writes the split CSVs to (never read from)
 ``AUTOHDR_NUM_WORKERS``     ``num_workers`` integer >= 0
 ``AUTOHDR_BATCH_SIZE``      ``batch_size``  integer >= 1
 ``AUTOHDR_RESIZE_HW``       ``resize_hw``   ``"H,W"`` (integers >= 16) or ``"none"`` (full size)
 ``AUTOHDR_VAL_FRAC``        ``val_frac``    float strictly between 0 and 1
 ``AUTOHDR_SPLIT_SEED``      ``split_seed``  integer >= 0
 ``AUTOHDR_MAX_PAIRS``       ``max_pairs``   integer >= 1
+``AUTOHDR_GROUP_REGEX``     ``group_regex`` regex with a named group ``group``, or ``"none"``
 ==========================  ==============  ==========================================
+
+``AUTOHDR_SPLIT_DIR`` only receives files: autohdr writes ``train_split.csv`` / ``val_split.csv``
+there and replaces them only when it wrote them itself and they are unchanged (see
+:mod:`autohdr.data.split_files`). ``AUTOHDR_GROUP_REGEX`` names the photoshoot of a pair id (see
+:func:`autohdr.data.pairs.pair_groups`): pairs of one photoshoot stay on one side of the split.
 
 A malformed value raises ``ValueError`` naming the variable, the value and what was expected.
 """
@@ -24,6 +30,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, MutableMapping
+
+from autohdr.data.pairs import DEFAULT_GROUP_REGEX, compile_group_regex
 
 
 #: Environment variable -> :class:`DataSettings` field.
@@ -36,6 +44,7 @@ ENV_VARS: dict[str, str] = {
     "AUTOHDR_VAL_FRAC": "val_frac",
     "AUTOHDR_SPLIT_SEED": "split_seed",
     "AUTOHDR_MAX_PAIRS": "max_pairs",
+    "AUTOHDR_GROUP_REGEX": "group_regex",
 }
 MIN_RESIZE = 16
 _NO_RESIZE = ("none", "full", "off")
@@ -69,6 +78,11 @@ def _parse_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _parse_group_regex(text: str) -> str:
+    compile_group_regex(text)  # ValueError when invalid or without the named group
+    return text
+
+
 #: field -> (parser, what a valid value looks like)
 _PARSERS: dict[str, tuple[Callable[[str], object], str]] = {
     "data_root": (_parse_path, "a folder path"),
@@ -79,6 +93,8 @@ _PARSERS: dict[str, tuple[Callable[[str], object], str]] = {
     "val_frac": (_parse_frac, "a float strictly between 0 and 1"),
     "split_seed": (lambda t: _parse_int(t, 0), "an integer >= 0"),
     "max_pairs": (lambda t: _parse_int(t, 1), "an integer >= 1"),
+    "group_regex": (_parse_group_regex, f"a regular expression with a named group 'group' "
+                                        f"(e.g. '{DEFAULT_GROUP_REGEX}'), or 'none' to split by pair"),
 }
 
 
@@ -94,6 +110,7 @@ class DataSettings:
     val_frac: float = 0.2                             # validation share of a seeded split
     split_seed: int = 0                               # seed of pair selection and split
     max_pairs: int | None = None                      # use at most this many pairs; None: all
+    group_regex: str | None = None                    # photoshoot of an id; None: the preset's (see pairs)
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,6 +126,10 @@ class DataSettings:
             problems.append(f"split_seed must be >= 0, got {self.split_seed}")
         if self.max_pairs is not None and self.max_pairs < 1:
             problems.append(f"max_pairs must be None or >= 1, got {self.max_pairs}")
+        try:
+            compile_group_regex(self.group_regex, "group_regex")
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("DataSettings: " + "; ".join(problems))
 

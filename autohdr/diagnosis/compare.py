@@ -3,8 +3,9 @@
 :func:`compare_identity` scores both with :func:`autohdr.lens.evaluation.score_subset` (so the numbers
 are those the trainer logs as ``val_proxy_*`` and ``identity_proxy_*``) and returns plain JSON-able
 values. :func:`model_from_checkpoint` rebuilds a :class:`~autohdr.lens.model.LensCorrectionModel` from
-the ``model_config`` a trainer checkpoint stores. ``scripts/debug_compare_identity.py`` is the
-command line around both.
+the ``model_config`` a trainer checkpoint stores, or builds a custom model with a ``--model-factory``
+and loads the checkpoint's weights into it. ``scripts/debug_compare_identity.py`` is the command
+line around both.
 """
 
 from __future__ import annotations
@@ -78,22 +79,74 @@ def checkpoint_stage(payload: Mapping[str, Any]) -> str:
     return stage_spec(str(stage)).name
 
 
-def model_from_checkpoint(payload: Mapping[str, Any], device: torch.device | str = "cpu") -> LensCorrectionModel:
-    """A :class:`LensCorrectionModel` built from ``payload["model_config"]`` with its weights loaded.
+def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The first entry where ``given`` (a checkpoint's state dict) does not fit ``expected`` (a model's).
+
+    Returns:
+        ``None`` when every key is in both with the same shape; else a description of the first
+        mismatch (model keys in order first: missing or another shape, then keys only in
+        ``given``) and the number of mismatched keys.
+    """
+    problems = []
+    for key, value in expected.items():
+        if key not in given:
+            problems.append(f"{key!r} is missing from the checkpoint")
+        elif tuple(getattr(given[key], "shape", ())) != tuple(value.shape):
+            problems.append(f"{key!r} has shape {tuple(given[key].shape)} in the checkpoint, "
+                            f"{tuple(value.shape)} in the model")
+    problems += [f"{key!r} is in the checkpoint but not in the model" for key in given if key not in expected]
+    return (problems[0], len(problems)) if problems else None
+
+
+def _load_weights(model: nn.Module, payload: Mapping[str, Any], where: str, built_by: str) -> None:
+    state = payload.get("model")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} holds no model state dict")
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch is not None:
+        first, count = mismatch
+        raise ValueError(f"{where}: its weights do not fit {built_by}: first mismatched key {first} "
+                         f"({count} mismatched in all)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # same keys and shapes, yet refused (e.g. a dtype that cannot be copied)
+        first_line = str(exc).strip().splitlines()[0]
+        raise ValueError(f"{where}: its weights do not fit {built_by}: {first_line}") from None
+
+
+def model_from_checkpoint(payload: Mapping[str, Any], device: torch.device | str = "cpu", *,
+                          model_factory: str | None = None, source: str | Path = "") -> nn.Module:
+    """The model a trainer checkpoint holds, with its weights loaded, in eval mode on ``device``.
+
+    Without ``model_factory`` it is a :class:`LensCorrectionModel` rebuilt from
+    ``payload["model_config"]``. With ``model_factory`` (``MODULE:FUNCTION``, as ``autohdr debug
+    --model-factory`` takes it) the factory builds the model, whatever its class and config, and
+    the checkpoint's weights are loaded into it: the way to read checkpoints of custom models.
+
+    Args:
+        source: the checkpoint's path, named in errors.
 
     Raises:
-        ValueError: no ``model_config`` (a custom ``--model-factory`` model without one), or the
-            weights do not fit the rebuilt model.
+        ValueError: no ``model_config``, or one that is not a :class:`ModelConfig` (a custom model:
+            pass ``model_factory``); the factory fails; or the weights do not fit the model (the
+            message names the checkpoint and the first mismatched key).
     """
+    where = f"checkpoint {source}" if source else "the checkpoint"
+    custom = "it holds a custom model? pass --model-factory MODULE:FUNCTION that builds it"
+    if model_factory:
+        from autohdr.diagnosis.debug import build_model
+        model = build_model(model_factory, ModelConfig())
+        _load_weights(model, payload, where, f"the model of --model-factory {model_factory}")
+        return model.to(device).eval()
     raw = payload.get("model_config")
     if not isinstance(raw, Mapping):
-        raise ValueError("the checkpoint has no model_config (was it trained with a custom model factory?)")
-    model = LensCorrectionModel(from_mapping(ModelConfig, dict(raw), where="checkpoint model_config"))
+        raise ValueError(f"{where} has no model_config ({custom})")
     try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"the checkpoint's weights do not fit its model_config: {first}") from None
+        config = from_mapping(ModelConfig, dict(raw), where=f"{where} model_config")
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({custom})") from None
+    model = LensCorrectionModel(config)
+    _load_weights(model, payload, where, "its model_config")
     return model.to(device).eval()
 
 

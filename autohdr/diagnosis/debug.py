@@ -30,6 +30,7 @@ from autohdr.diagnosis.metrics_log import read_metrics
 from autohdr.lens.model import LensCorrectionModel, ModelConfig
 from autohdr.diagnosis.presets import DataPreset, DebugPreset, load_preset, override_preset
 from autohdr.data.settings import DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
+from autohdr.data.split_files import check_replaceable, write_owned_files
 from autohdr.training.trainer import NonFiniteLossError, Trainer
 from autohdr.diagnosis.verdicts import all_good, judge
 
@@ -41,7 +42,10 @@ ENV_TO_DATA_FIELD = {
     "AUTOHDR_MAX_PAIRS": "num_pairs",
     "AUTOHDR_VAL_FRAC": "val_frac",
     "AUTOHDR_SPLIT_SEED": "split_seed",
+    "AUTOHDR_GROUP_REGEX": "group_regex",
 }
+#: The split CSVs a run writes into ``AUTOHDR_SPLIT_DIR`` (default: the run folder).
+SPLIT_FILES: tuple[str, str] = ("train_split.csv", "val_split.csv")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -125,7 +129,7 @@ def select_rows(data_root: Path, preset: DataPreset) -> tuple[pd.DataFrame, pd.D
     data_mod.validate_pairs(rows)
     if preset.overfit:
         return rows, rows.copy()
-    return data_mod.train_val_split(rows, preset.val_frac, preset.split_seed)
+    return data_mod.train_val_split(rows, preset.val_frac, preset.split_seed, preset.group_regex)
 
 
 def build_loaders(train_rows: pd.DataFrame, val_rows: pd.DataFrame, preset: DataPreset, seed: int,
@@ -209,10 +213,12 @@ def run_debug_mode(
             split_dir = Path(os.environ.get("AUTOHDR_SPLIT_DIR") or out)
             data_mod.ensure_outside_data_root(out, root, "--out")
             data_mod.ensure_outside_data_root(split_dir, root, "AUTOHDR_SPLIT_DIR")
+            # Refused on every rank, before any work, when a split there was not written by autohdr.
+            check_replaceable(split_dir, SPLIT_FILES)
             train_rows, val_rows = select_rows(root, data_preset)
             if dist_ctx.is_main:
-                data_mod.write_split_csv(train_rows, split_dir / "train_split.csv")
-                data_mod.write_split_csv(val_rows, split_dir / "val_split.csv")
+                write_owned_files(split_dir, dict(zip(SPLIT_FILES, map(data_mod.split_csv_text,
+                                                                        (train_rows, val_rows)))))
             built_train, built_val = build_loaders(train_rows, val_rows, data_preset, seed, dist_ctx)
             train_loader = built_train if train_loader is None else train_loader
             val_loader = built_val if val_loader is None else val_loader

@@ -51,7 +51,7 @@ from autohdr.diagnosis.metrics_log import MetricsWriter
 from autohdr.lens.evaluation import Correction, correct, score_subset
 from autohdr.lens.geometry import WarpResult, apply_correction, grid_statistics, identity_params
 from autohdr.lens.losses import LossWeights, composite_loss
-from autohdr.lens.model import DEFAULT_PARAM_BOUNDS
+from autohdr.lens.model import check_param_bounds, resolve_param_bounds
 from autohdr.lens.proxy import proxy_score_batch
 from autohdr.training.config import StageSpec, stage_spec
 from autohdr.training.distributed import SINGLE, DistContext, gather_objects
@@ -114,8 +114,9 @@ class Instrumentation:
         config: what to measure (:class:`InstrumentationConfig`).
         loss_fn: ``(correction, target) -> (total, components)``, used for the init check and the
             validation loss; default autohdr's composite loss for ``stage``.
-        param_bounds: 8 ``(lo, hi)`` pairs for the saturation figure; default the model's
-            ``param_bounds`` attribute, else autohdr's defaults (with a notice).
+        param_bounds: 8 ``(lo, hi)`` pairs for the saturation figure; default the model's documented
+            ``param_bounds`` attribute, else autohdr's defaults (with a notice, see
+            :func:`~autohdr.lens.model.resolve_param_bounds`).
         ground_truth: ``image_id -> (8,)`` parameters, to score the ground-truth warp as a baseline.
         device: where probes and validation run (default: the model's).
         dist: the torchrun context; only rank 0 writes.
@@ -155,11 +156,12 @@ class Instrumentation:
                     f"no parameters in group {name!r}: its signals are not judged; name its modules with "
                     f"--groups {name}=MODULE.PATH (Python: groups={{'{name}': 'module.path'}}) or give the model "
                     f"a parameter_groups() method")
-        self.param_bounds = param_bounds or getattr(self.core, "param_bounds", None)
-        if self.param_bounds is None:
-            self.param_bounds = DEFAULT_PARAM_BOUNDS
-            self.notices.append("the model has no param_bounds attribute: params_at_bound_frac uses autohdr's "
-                                "default bounds")
+        if param_bounds is not None:
+            self.param_bounds = check_param_bounds(param_bounds, "param_bounds")
+        else:
+            self.param_bounds, notice = resolve_param_bounds(self.core)
+            if notice:
+                self.notices.append(notice)
         self.metrics = MetricsWriter(Path(out_dir) / "metrics.jsonl", enabled=dist.is_main)
         self.epoch = 0
         self.global_step = 0
@@ -442,6 +444,7 @@ class Instrumentation:
             # The same loss on the identity warp (no residual flow: its terms are exact zeros).
             identity_loss, _ = self.loss_fn(Correction(_identity_params(image), None, identity_warp), target)
             return {
+                "init_image_height": int(image.shape[-2]), "init_image_width": int(image.shape[-1]),
                 "init_pred_max_abs_diff": float((correction.prediction - identity).abs().max()),
                 "init_proxy_total": proxy_score_batch(correction.prediction.float(), target.float())["total"],
                 "identity_proxy_total": proxy_score_batch(identity.float(), target.float())["total"],

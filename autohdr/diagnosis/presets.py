@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autohdr.data.pairs import DEFAULT_GROUP_REGEX, compile_group_regex
 from autohdr.training.config import TrainConfig, apply_overrides, from_mapping, split_override
 from autohdr.lens.model import ModelConfig
 from autohdr.diagnosis.verdicts import JudgeConfig
@@ -33,8 +34,10 @@ class DataPreset:
     val_frac: float = 0.2                        # used when overfit is false
     split_seed: int = 0                          # pair selection and split seed
     shuffle_pairs: bool = False                  # False: the first num_pairs by id
+    group_regex: str | None = DEFAULT_GROUP_REGEX  # photoshoot of an id (named group 'group'); "none": by pair
 
     def __post_init__(self) -> None:
+        compile_group_regex(self.group_regex, "data.group_regex")
         if self.num_pairs < 1 or self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"data: num_pairs and batch_size must be >= 1 and num_workers >= 0, got "
                              f"{self.num_pairs}, {self.batch_size}, {self.num_workers}")

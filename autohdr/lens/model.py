@@ -37,6 +37,47 @@ DEFAULT_PARAM_BOUNDS: tuple[tuple[float, float], ...] = (
 )
 
 
+def check_param_bounds(bounds, where: str = "param_bounds") -> tuple[tuple[float, float], ...]:
+    """``bounds`` as 8 float ``(lo, hi)`` pairs in the order ``[k1, k2, k3, p1, p2, dcx, dcy, s]``.
+
+    Raises:
+        ValueError: naming ``where``, unless there are 8 pairs of finite numbers with
+            ``lo < identity < hi`` for each parameter (identity: 0, and 1 for ``s``).
+    """
+    try:
+        pairs = tuple((float(lo), float(hi)) for lo, hi in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be {len(PARAM_NAMES)} (lo, hi) pairs of numbers in the order "
+                         f"{list(PARAM_NAMES)}, got {bounds!r}") from None
+    if len(pairs) != len(PARAM_NAMES):
+        raise ValueError(f"{where} needs {len(PARAM_NAMES)} (lo, hi) pairs (one per {list(PARAM_NAMES)}), "
+                         f"got {len(pairs)}")
+    for name, (lo, hi), ident in zip(PARAM_NAMES, pairs, IDENTITY_PARAMS):
+        if not lo < ident < hi:  # also refuses nan
+            raise ValueError(f"{where}: bounds of {name} must contain its identity value {ident} strictly, "
+                             f"got ({lo}, {hi})")
+    return pairs
+
+
+def resolve_param_bounds(model: nn.Module) -> tuple[tuple[tuple[float, float], ...], str | None]:
+    """The parameter bounds to judge ``params_at_bound_frac`` against, and a notice when they are defaults.
+
+    A model declares its bounds with the attribute ``param_bounds``: 8 ``(lo, hi)`` pairs in the
+    order ``[k1, k2, k3, p1, p2, dcx, dcy, s]`` (:class:`LensCorrectionModel` sets it from its
+    config). A model that declares none is judged against :data:`DEFAULT_PARAM_BOUNDS`, and the
+    notice (one line) says so and how to declare its own.
+
+    Raises:
+        ValueError: the declared ``param_bounds`` are malformed (see :func:`check_param_bounds`).
+    """
+    declared = getattr(model, "param_bounds", None)
+    if declared is not None:
+        return check_param_bounds(declared, f"{type(model).__name__}.param_bounds"), None
+    return DEFAULT_PARAM_BOUNDS, (f"{type(model).__name__} declares no param_bounds: judging parameter saturation "
+                                  f"against autohdr's defaults {[list(b) for b in DEFAULT_PARAM_BOUNDS]}; set "
+                                  f"model.param_bounds to its 8 (lo, hi) pairs in {list(PARAM_NAMES)} order")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyperparameters of :class:`LensCorrectionModel`; stored inside every checkpoint."""

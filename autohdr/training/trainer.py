@@ -156,6 +156,11 @@ class Trainer:
     def metrics(self):
         return self.hooks.metrics
 
+    @property
+    def param_bounds(self):
+        """The 8 ``(lo, hi)`` bounds ``params_at_bound_frac`` is judged against."""
+        return self.hooks.param_bounds
+
     # ------------------------------------------------------------------ helpers
     def _lr_factor(self, step: int) -> float:
         """LambdaLR multiplier of optimizer step ``step`` (0-based)."""
