@@ -262,43 +262,51 @@ def _zero_steps_drawn(fig, prefix: str) -> dict[str, list[float]]:
     return {group: [float(x) for x in line.get_xdata()] for group, line in zip(labels, strip.get_lines())}
 
 
+@pytest.fixture(scope="module")
+def curves(debug_run):
+    """``spec.name -> (figure, train_step rows)`` of the three looks, each figure drawn once."""
+    drawn = {}
+
+    def get(spec):
+        if spec.name not in drawn:
+            run = debug_run(spec)
+            drawn[spec.name] = (curves_figure(run.history), run.history.query("kind == 'train_step'"))
+        return drawn[spec.name]
+
+    yield get
+    for fig, _ in drawn.values():
+        plt.close(fig)
+
+
 class TestCurves:
     @pytest.mark.parametrize("spec", [HEALTHY_STAGE2, LR_ZERO, RESIDUAL_X0], ids=lambda s: s.name)
     @pytest.mark.parametrize("prefix", ["grad_norm", "param_delta"])
-    def test_exact_zeros_are_marked_on_the_zero_strip(self, debug_run, spec, prefix):
-        steps = debug_run(spec).history.query("kind == 'train_step'")
-        fig = curves_figure(debug_run(spec).history)
-        try:
-            drawn = _zero_steps_drawn(fig, prefix)
-            strip = _strip(fig, prefix)
-            main_axis = _main_axis_of(fig, strip)
-            assert [t.get_text() for t in strip.get_yticklabels()] == ["0"]
-            for group, marked in drawn.items():
-                values = steps[f"{prefix}_{group}"]
-                assert marked == [float(s) for s in steps.loc[values == 0, "step"]], group
-                line = next(li for li in main_axis.get_lines() if li.get_label().split(" (")[0] == group)
-                plotted = np.asarray(line.get_ydata(), dtype=float)
-                assert not (plotted[np.isfinite(plotted)] <= 0).any(), f"{group}: a zero drawn on the log axis"
-        finally:
-            plt.close(fig)
+    def test_exact_zeros_are_marked_on_the_zero_strip(self, curves, spec, prefix):
+        fig, steps = curves(spec)
+        drawn = _zero_steps_drawn(fig, prefix)
+        strip = _strip(fig, prefix)
+        main_axis = _main_axis_of(fig, strip)
+        assert [t.get_text() for t in strip.get_yticklabels()] == ["0"]
+        assert set(drawn) == {c[len(prefix) + 1:] for c in steps.columns if c.startswith(prefix + "_")
+                              and c != f"{prefix}_total" and steps[c].notna().any()}
+        for group, marked in drawn.items():
+            values = steps[f"{prefix}_{group}"]
+            assert marked == [float(s) for s in steps.loc[values == 0, "step"]], group
+            line = next(li for li in main_axis.get_lines() if li.get_label().split(" (")[0] == group)
+            plotted = np.asarray(line.get_ydata(), dtype=float)
+            assert not (plotted[np.isfinite(plotted)] <= 0).any(), f"{group}: a zero drawn on the log axis"
 
-    def test_the_three_looks_differ_where_they_should(self, debug_run):
+    def test_the_three_looks_differ_where_they_should(self, curves):
         """Healthy: one zero (backbone, step 1). lr 0: every update is zero. Residual x 0: its gradient is."""
-        figs = {name: curves_figure(debug_run(spec).history) for name, spec in
-                (("healthy", HEALTHY_STAGE2), ("lr0", LR_ZERO), ("residual", RESIDUAL_X0))}
-        try:
-            steps = {name: len(debug_run(spec).history.query("kind == 'train_step'"))
-                     for name, spec in (("healthy", HEALTHY_STAGE2), ("lr0", LR_ZERO), ("residual", RESIDUAL_X0))}
-            assert _zero_steps_drawn(figs["healthy"], "grad_norm")["backbone"] == [1.0]
-            assert all(v == [] for v in _zero_steps_drawn(figs["healthy"], "param_delta").values())
-            assert all(len(v) == steps["lr0"] for v in _zero_steps_drawn(figs["lr0"], "param_delta").values())
-            assert len(_zero_steps_drawn(figs["residual"], "grad_norm")["residual_head"]) == steps["residual"]
-            texts = {name: [t.get_text() for ax in fig.axes for t in ax.texts] for name, fig in figs.items()}
-            assert "learning rate is exactly 0 on every step" in texts["lr0"]
-            assert "learning rate is exactly 0 on every step" not in texts["healthy"]
-        finally:
-            for fig in figs.values():
-                plt.close(fig)
+        (healthy, _), (lr0, lr0_steps), (residual, residual_steps) = map(curves, (HEALTHY_STAGE2, LR_ZERO, RESIDUAL_X0))
+        assert _zero_steps_drawn(healthy, "grad_norm")["backbone"] == [1.0]
+        assert all(v == [] for v in _zero_steps_drawn(healthy, "param_delta").values())
+        assert all(len(v) == len(lr0_steps) for v in _zero_steps_drawn(lr0, "param_delta").values())
+        assert len(_zero_steps_drawn(residual, "grad_norm")["residual_head"]) == len(residual_steps)
+        texts = {name: [t.get_text() for ax in fig.axes for t in ax.texts]
+                 for name, fig in (("healthy", healthy), ("lr0", lr0))}
+        assert "learning rate is exactly 0 on every step" in texts["lr0"]
+        assert "learning rate is exactly 0 on every step" not in texts["healthy"]
 
     def test_panels_title_and_clip_norm_line(self, debug_run):
         run = debug_run(HEALTHY_STAGE2)
