@@ -3,8 +3,8 @@
 ``run_debug_mode("stage2_probe")`` trains on the embedded fixture data (or ``data_root``), judges
 every signal from the run's own ``metrics.jsonl`` and writes, under ``out_dir``:
 ``report.json``, ``report.html`` (the same report as one self-contained page with the figures),
-``metrics.jsonl``, ``curves.png``, ``triplets.png``, the split CSVs and the checkpoints. Custom ``model`` / loaders plug into the same path, which is how the diagnostic
-suite injects faults.
+``metrics.jsonl``, ``curves.png``, ``triplets.png``, the split CSVs and the checkpoints. Custom
+``model`` / loaders plug into the same path, which is how the diagnostic suite injects faults.
 """
 
 from __future__ import annotations
