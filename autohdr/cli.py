@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     debug = sub.add_parser("debug", help="run a debug mode and judge every signal")
     debug.add_argument("mode", help=f"one of {', '.join(MODES)}, or a preset .toml file")
     _common(debug)
-    judge = sub.add_parser("judge", help="judge a finished run's metrics.jsonl again")
+    judge = sub.add_parser("judge", help="judge a finished run's metrics.jsonl again and rewrite its report.html")
     judge.add_argument("run_dir", type=Path)
     judge.add_argument("--mode", default=None, help="preset whose [judge] thresholds to use "
                                                      "(default: the one in the run's report.json)")
-    judge.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    judge.add_argument("--json", action="store_true", help="print {all_good, verdicts} as JSON")
     train = sub.add_parser("train", help="train one stage on a real dataset")
     train.add_argument("--stage", required=True,
                        choices=["stage1_param_only", "stage2_hybrid", "stage3_finetune"])
@@ -80,7 +80,14 @@ def _print_report(report: dict) -> None:
     print("\n" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
     if report.get("error"):
         print(f"\nRUN FAILED: {report['error']}")
-    print(f"\n{'ALL GOOD' if report['all_good'] else 'BAD SIGNALS'} -- report: {Path(report['out_dir']) / 'report.json'}")
+    run_dir = Path(report["out_dir"])
+    page = run_dir / "report.html"
+    print("\n" + _summary_line(report["all_good"], page if page.is_file() else run_dir / "report.json"))
+
+
+def _summary_line(good: bool, report_file: Path) -> str:
+    """The last line of ``debug`` and ``judge``: ``ALL GOOD`` or ``BAD SIGNALS`` and where the report is."""
+    return f"{'ALL GOOD' if good else 'BAD SIGNALS'} -- report: {report_file}"
 
 
 def _run(args, mode: str, overrides: list[str], resume=None) -> int:
@@ -104,29 +111,58 @@ def _run(args, mode: str, overrides: list[str], resume=None) -> int:
     return EXIT_OK if report["all_good"] else EXIT_BAD_SIGNAL
 
 
+def _read_stored_report(path: Path, strict: bool) -> dict:
+    """The run's ``report.json`` ({} when absent); unreadable: a ``ValueError`` if ``strict``, else {}."""
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        if strict:
+            raise ValueError(f"{path} is not valid JSON ({exc})") from None
+        return {}
+    if not isinstance(report, dict):
+        if strict:
+            raise ValueError(f"{path} must hold a JSON object, got {type(report).__name__}")
+        return {}
+    return report
+
+
 def _judge(args) -> int:
-    from autohdr.training.config import from_mapping
+    from autohdr.training.config import from_mapping, to_dict
     from autohdr.diagnosis.presets import load_preset
+    from autohdr.diagnosis.report_html import write_report_html
     from autohdr.diagnosis.verdicts import JudgeConfig, all_good, format_table, judge
     cfg = JudgeConfig()
     report_path = args.run_dir / "report.json"
     mode = args.mode
-    if mode is None and report_path.is_file():
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        stored = report.get("config") if isinstance(report, dict) else None
-        cfg_dict = stored.get("judge") if isinstance(stored, dict) else None
+    stored = _read_stored_report(report_path, strict=mode is None)
+    if mode is None:
+        config = stored.get("config")
+        cfg_dict = config.get("judge") if isinstance(config, dict) else None
         if cfg_dict:
             if not isinstance(cfg_dict, dict):
                 raise ValueError(f"{report_path}: config.judge must be a table of thresholds, got {cfg_dict!r}")
             cfg = from_mapping(JudgeConfig, cfg_dict, where=f"{report_path} config.judge")
-    elif mode is not None:
+    else:
         cfg = load_preset(mode).judge
     verdicts = judge(args.run_dir, cfg)
+    good = all_good(verdicts)
+    # report.html shows these verdicts, with the thresholds that gave them; report.json stays as the run wrote it.
+    config = stored.get("config") if isinstance(stored.get("config"), dict) else {}
+    page = {"out_dir": str(args.run_dir), **stored, "verdicts": [v.to_dict() for v in verdicts], "all_good": good,
+            "config": {**config, "judge": to_dict(cfg)}}
+    try:
+        report_file = write_report_html(args.run_dir, page)
+    except OSError as exc:  # a read-only run folder: the verdicts still count
+        report_file = report_path
+        print(f"autohdr: note: report.html not rewritten ({_one_line(exc)})", file=sys.stderr)
     if args.json:
-        print(json.dumps([v.to_dict() for v in verdicts], indent=2, default=str))
+        print(json.dumps({"all_good": good, "verdicts": [v.to_dict() for v in verdicts]}, indent=2, default=str))
     else:
         print(format_table(verdicts))
-    return EXIT_OK if all_good(verdicts) else EXIT_BAD_SIGNAL
+        print("\n" + _summary_line(good, report_file))
+    return EXIT_OK if good else EXIT_BAD_SIGNAL
 
 
 def _one_line(exc: BaseException) -> str:

@@ -14,3 +14,24 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
   touch "$stamp"
 fi
+# Chromium (Debian package) for the report's headless-browser test. Installed only when missing, as
+# root, with apt-get; never fatal. When it cannot be installed, the reason goes to
+# .venv/.chromium-unavailable and that one test skips with it.
+marker=.venv/.chromium-unavailable
+if command -v chromium >/dev/null 2>&1; then
+  rm -f "$marker"
+elif [ "$(id -u)" != 0 ]; then
+  echo "not root: scripts/bootstrap.sh cannot apt-get install chromium" > "$marker"
+elif ! command -v apt-get >/dev/null 2>&1; then
+  echo "no apt-get on this system to install chromium with" > "$marker"
+else
+  echo "bootstrap: installing chromium with apt-get (for the report.html browser test)" >&2
+  if { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+       || { apt-get update -qq >/dev/null 2>&1 \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }; }; then
+    rm -f "$marker"
+  else
+    echo "bootstrap: could not install chromium; the browser test will be skipped" >&2
+    echo "apt-get install chromium failed (no package source reachable?)" > "$marker"
+  fi
+fi

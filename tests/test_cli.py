@@ -38,7 +38,7 @@ from tests.plugins.data_fixtures import hash_tree
 
 #: 4 pairs in batches of 2 for 4 epochs: 8 optimizer steps, enough for every overfit signal.
 QUICK = ["--device", "cpu", "--epochs", "4", "--set", "data.num_pairs=4", "--set", "data.batch_size=2"]
-RUN_FILES = ("metrics.jsonl", "report.json", "curves.png", "triplets.png", "best.pt", "last.pt",
+RUN_FILES = ("metrics.jsonl", "report.json", "report.html", "curves.png", "triplets.png", "best.pt", "last.pt",
              "train_split.csv", "val_split.csv")
 REPORT_KEYS = {"mode", "stage", "verdicts", "figures", "all_good"}
 CONSOLE_SCRIPT = Path(sys.executable).parent / "autohdr"
@@ -243,20 +243,29 @@ class TestJudge:
     def test_json_verdicts_equal_the_report(self, request, run):
         call: DebugCall = request.getfixturevalue(run)
         result = run_cli("judge", call.out_dir, "--json")
-        assert verdict_triples(json.loads(result.stdout)) == verdict_triples(call.report["verdicts"])
+        printed = json.loads(result.stdout)
+        assert verdict_triples(printed["verdicts"]) == verdict_triples(call.report["verdicts"])
+        assert printed["all_good"] is call.report["all_good"]
         assert result.code == (EXIT_OK if call.report["all_good"] else EXIT_BAD_SIGNAL)
+
+    @pytest.mark.parametrize(("run", "line"), [("healthy_run", "ALL GOOD"), ("frozen_run", "BAD SIGNALS")])
+    def test_table_ends_with_the_summary_line(self, request, run, line):
+        call: DebugCall = request.getfixturevalue(run)
+        result = run_cli("judge", call.out_dir)
+        assert result.stdout.strip().splitlines()[-1] == f"{line} -- report: {call.out_dir / 'report.html'}"
+        assert (call.out_dir / "report.html").is_file()
 
     def test_table_lists_every_verdict(self, frozen_run):
         result = run_cli("judge", frozen_run.out_dir)
         mark = {True: "GOOD", False: "BAD", None: "n/a"}
-        lines = result.stdout.strip().splitlines()[2:]
+        lines = result.stdout.strip().split("\n\n")[0].splitlines()[2:]
         assert [(line.split()[0], line.split()[1]) for line in lines] == [
             (v["signal"], mark[v["ok"]]) for v in frozen_run.report["verdicts"]]
 
     def test_mode_selects_the_thresholds(self, frozen_run):
         """stage2_probe reports beats_identity without judging it; every other verdict is unchanged."""
         result = run_cli("judge", frozen_run.out_dir, "--mode", "stage2_probe", "--json")
-        judged = {v["signal"]: v for v in json.loads(result.stdout)}
+        judged = {v["signal"]: v for v in json.loads(result.stdout)["verdicts"]}
         stored = {v["signal"]: v for v in frozen_run.report["verdicts"]}
         assert stored["beats_identity"]["ok"] is False and judged["beats_identity"]["ok"] is None
         assert {k: v["ok"] for k, v in judged.items() if k != "beats_identity"} == {
@@ -268,7 +277,7 @@ class TestJudge:
         _, out_dir = process_run
         result = run_process(CONSOLE_SCRIPT, "judge", out_dir, "--json")
         assert "Traceback" not in result.stderr
-        assert verdict_triples(json.loads(result.stdout)) == verdict_triples(read_report(out_dir)["verdicts"])
+        assert verdict_triples(json.loads(result.stdout)["verdicts"]) == verdict_triples(read_report(out_dir)["verdicts"])
         assert result.code == (EXIT_OK if read_report(out_dir)["all_good"] else EXIT_BAD_SIGNAL)
 
     def test_folder_without_metrics(self, tmp_path):

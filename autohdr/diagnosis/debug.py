@@ -2,9 +2,9 @@
 
 ``run_debug_mode("stage2_probe")`` trains on the embedded fixture data (or ``data_root``), judges
 every signal from the run's own ``metrics.jsonl`` and writes, under ``out_dir``:
-``report.json``, ``metrics.jsonl``, ``curves.png``, ``triplets.png``, the split CSVs and the
-checkpoints. Custom ``model`` / loaders plug into the same path, which is how the diagnostic
-suite injects faults.
+``report.json``, ``report.html`` (the same report as one self-contained page with the figures),
+``metrics.jsonl``, ``curves.png``, ``triplets.png``, the split CSVs and the checkpoints. Custom
+``model`` / loaders plug into the same path, which is how the diagnostic suite injects faults.
 """
 
 from __future__ import annotations
@@ -264,14 +264,18 @@ def run_debug_mode(
                 "data_root": str(root) if uses_data_root else None,
                 "device": str(torch_device),
                 "world_size": dist_ctx.world_size,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                 "config": {"data": to_dict(data_preset), "train": to_dict(train_cfg), "model": to_dict(preset.model),
                                "judge": to_dict(preset.judge)},
             }
             (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
             if plots:
-                from autohdr.diagnosis.plots import plot_curves, plot_triplets
-                plot_curves(history, out / "curves.png")
-                plot_triplets(trainer, out / "triplets.png")
+                from autohdr.diagnosis.plots import plot_curves, plot_triplets, run_title
+                plot_curves(history, out / "curves.png", title=run_title(report))
+                plot_triplets(trainer.core, trainer.probe_batch(), out / "triplets.png",
+                              residual_active=train_cfg.spec.residual_active)
+            from autohdr.diagnosis.report_html import write_report_html
+            write_report_html(out, report)  # after the figures: it inlines them
         barrier(dist_ctx)  # every rank leaves together, after rank 0 has written the report
         return report
     finally:
