@@ -35,13 +35,14 @@ class RunSpec:
     """A debug run: a mode, optionally broken by a fault, with preset overrides.
 
     ``model`` names a model class in :mod:`tests.faults` (``None``: the healthy model);
-    ``loader_sleep_s > 0`` wraps the training loader in :class:`tests.faults.SleepingLoader`.
+    ``loader_sleep_factor > 0`` wraps the training loader in :class:`tests.faults.SleepingLoader`, which
+    holds each batch back that many times the previous step's own compute (independent of machine load).
     """
 
     name: str
     mode: str
     model: str | None = None
-    loader_sleep_s: float = 0.0
+    loader_sleep_factor: float = 0.0
     overrides: tuple[tuple[str, Any], ...] = ()
     epochs: int | None = None
     seed: int = 0
@@ -70,12 +71,12 @@ def _train(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
     overrides = dict(spec.overrides)
     model = getattr(faults, spec.model)() if spec.model else None
     train_loader = val_loader = None
-    if spec.loader_sleep_s > 0:
+    if spec.loader_sleep_factor > 0:
         preset = load_preset(spec.mode, overrides)
         data = data_preset_from_env(preset.data)
         train_rows, val_rows = select_rows(default_fixture_root(), data)
         train_loader, val_loader = build_loaders(train_rows, val_rows, data, spec.seed)
-        train_loader = faults.SleepingLoader(train_loader, spec.loader_sleep_s)
+        train_loader = faults.SleepingLoader(train_loader, spec.loader_sleep_factor)
     return run_debug_mode(spec.mode, model=model, train_loader=train_loader, val_loader=val_loader,
                           out_dir=out_dir, device="cpu", seed=spec.seed, overrides=overrides,
                           epochs=spec.epochs, plots=False, log=lambda message: None)
