@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autohdr.cli import EXIT_USAGE, main
+from autohdr.cli import EXIT_USAGE
 from autohdr.data.pairs import DataError, scan_pairs
 from autohdr.diagnosis.metrics_log import IncompleteLastLineWarning, MetricsWriter, read_metrics
 from autohdr.training import checkpoint as ckpt

@@ -182,10 +182,10 @@ def refuse_finished(folder: Path) -> None:
     if not present:
         return
     checkpoint = next((folder / name for name in RESUMABLE if (folder / name).is_file()), None)
-    how = (f"continue it with --resume {checkpoint}" if checkpoint is not None
-           else "it has no checkpoint to continue from")
+    how = (f"or continue that run with --resume {checkpoint} (autohdr train)" if checkpoint is not None
+           else "(that run left no checkpoint to continue from)")
     raise RunFolderError(f"run folder {folder} already holds a run ({', '.join(present)}): a folder holds one run, "
-                         f"so a new run needs a new --out; {how}")
+                         f"so give a new --out, {how}")
 
 
 def claim(folder: str | Path, *, resume: bool, log: Callable[[str], None] | None = None) -> RunFolderLock:
