@@ -1,7 +1,9 @@
 """Command line: ``autohdr debug MODE``, ``autohdr judge RUN_DIR``, ``autohdr train --stage S``.
 
 Exit codes: 0 when every applicable signal is good, 1 when a bad signal fires (or the run could
-not finish), 2 on a usage or input error (one line on stderr, no traceback), 130 on Ctrl-C.
+not finish), 2 on a usage or input error or when the run cannot use its folder or disk (the run
+folder is in use or holds a finished run, a checkpoint cannot be written: no space left on
+device...; one line on stderr, no traceback), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from autohdr.diagnosis.presets import MODES
@@ -172,7 +175,26 @@ def _one_line(exc: BaseException) -> str:
     return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
+def _notices_on_stderr(previous):
+    """A ``warnings.showwarning`` that reports a recovered problem (a torn metrics line) as one
+    ``autohdr: notice: ...`` line and leaves every other warning to ``previous``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        from autohdr.diagnosis.metrics_log import IncompleteLastLineWarning
+        if issubclass(category, IncompleteLastLineWarning):
+            print(f"autohdr: notice: {message}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _notices_on_stderr(warnings.showwarning)
+        warnings.filterwarnings("always", message=".*incomplete last line")  # every time, in-process too
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

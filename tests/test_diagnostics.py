@@ -163,7 +163,7 @@ FAULTS = [
     _fault("loader-sleeps", "overfit_stage1", ("not_data_bound",),
            ("finite", "init_is_identity", "param_head_learning", "scores_move", "probe_checksums_change",
             "probe_tracks_updates", "clipping_sane"),
-           loader_sleep_s=0.3, epochs=2),
+           loader_sleep_factor=3.0, epochs=2),
     _fault("lr-explodes", "overfit_stage1", ("finite",), ("init_is_identity", "not_data_bound"),
            overrides=(("train.lr", 1e6),), epochs=2),
     # learning coverage: a group without gradients, parameters outside the optimizer

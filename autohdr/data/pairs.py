@@ -48,7 +48,8 @@ def scan_pairs(data_root: str | Path) -> pd.DataFrame:
 
     Raises:
         DataError: the root is missing or not a folder, holds no pairs, an id has two inputs or two
-            targets, or an input has no target (the expected target file is named). Targets without
+            targets, two ids differ only in letter case (``P005`` beside ``p005``; their files are
+            named), or an input has no target (the expected target file is named). Targets without
             an input only warn.
     """
     root = Path(data_root).expanduser().absolute()
@@ -66,6 +67,7 @@ def scan_pairs(data_root: str | Path) -> pd.DataFrame:
     ambiguous = sorted(str(p) for files in found.values() for tag in files.values() if len(tag) > 1 for p in tag)
     if ambiguous:
         raise DataError(f"data root {root}: an id has more than one file of the same role: {_listing(ambiguous)}")
+    _refuse_ids_differing_only_in_case(root, found)
     no_target = sorted(i for i, f in found.items() if f[INPUT_TAG] and not f[TARGET_TAG])
     if no_target:
         missing = [f"{found[i][INPUT_TAG][0].name} (expected {root / (i + '_' + TARGET_TAG)}.jpg, .jpeg or .png)"
@@ -86,6 +88,22 @@ def scan_pairs(data_root: str | Path) -> pd.DataFrame:
         "input_path": [str(found[i][INPUT_TAG][0]) for i in ids],
         "target_path": [str(found[i][TARGET_TAG][0]) for i in ids],
     }, columns=list(SPLIT_COLUMNS))
+
+
+def _refuse_ids_differing_only_in_case(root: Path, found: dict[str, dict[str, list[Path]]]) -> None:
+    """``P005`` beside ``p005``: the same photo under two names on a case-sensitive file system (and one
+    file on a case-insensitive one); training on both would count it twice."""
+    by_folded: dict[str, list[str]] = {}
+    for image_id in found:
+        by_folded.setdefault(image_id.casefold(), []).append(image_id)
+    clashes = [sorted(ids) for ids in by_folded.values() if len(ids) > 1]
+    if not clashes:
+        return
+    first = clashes[0]
+    files = [str(p) for image_id in first for tag in (INPUT_TAG, TARGET_TAG) for p in found[image_id][tag]]
+    more = f" ({len(clashes) - 1} more such group(s))" if len(clashes) > 1 else ""
+    raise DataError(f"data root {root}: ids {', '.join(map(repr, first))} differ only in letter case: "
+                    f"{_listing(files)}{more}; rename or remove one so each photo has one id")
 
 
 def _check_columns(df: pd.DataFrame, what: str) -> None:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from autohdr import data as data_mod
 from autohdr.training.config import to_dict
 from autohdr.training.distributed import SINGLE, DistContext, barrier, init_distributed, shutdown
+from autohdr.training import run_folder
 from autohdr.diagnosis.metrics_log import read_metrics
 from autohdr.lens.model import LensCorrectionModel, ModelConfig
 from autohdr.diagnosis.presets import DataPreset, DebugPreset, load_preset, override_preset
@@ -201,6 +202,7 @@ def run_debug_mode(
     data_preset = preset.data
     torch_device = resolve_device(device)
     dist_ctx = init_distributed(torch_device)
+    folder_lock = None
     try:
         if dist_ctx.enabled and torch_device.type == "cuda":
             torch_device = torch.device("cuda", dist_ctx.local_rank)
@@ -216,6 +218,10 @@ def run_debug_mode(
             # Refused on every rank, before any work, when a split there was not written by autohdr.
             check_replaceable(split_dir, SPLIT_FILES)
             train_rows, val_rows = select_rows(root, data_preset)
+        # One run per folder (README "Run folders"): taken once the inputs are known to be good,
+        # before anything is written to the folder; released on every way out below.
+        folder_lock = run_folder.claim_on_main(out, resume=resume_from is not None, dist_ctx=dist_ctx, log=log)
+        if uses_data_root:
             if dist_ctx.is_main:
                 write_owned_files(split_dir, dict(zip(SPLIT_FILES, map(data_mod.split_csv_text,
                                                                         (train_rows, val_rows)))))
@@ -265,6 +271,9 @@ def run_debug_mode(
                 "device": str(torch_device),
                 "world_size": dist_ctx.world_size,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                # what the run really used (amp and channels_last are CUDA only), beside the configured values
+                "applied": {"amp": trainer.amp_enabled, "channels_last": trainer.memory_format is torch.channels_last,
+                            "device": str(trainer.device)},
                 "config": {"data": to_dict(data_preset), "train": to_dict(train_cfg), "model": to_dict(preset.model),
                                "judge": to_dict(preset.judge)},
             }
@@ -279,6 +288,8 @@ def run_debug_mode(
         barrier(dist_ctx)  # every rank leaves together, after rank 0 has written the report
         return report
     finally:
+        if folder_lock is not None:
+            folder_lock.release()
         # Leave the process group cleanly: a gloo group left to interpreter exit can abort a rank
         # ("terminate called without an active exception") after a good run.
         shutdown(dist_ctx)

@@ -5,16 +5,56 @@ Every record has a ``kind`` (``run_start``, ``init``, ``train_step``, ``warning`
 (``repr``-exact), so :func:`read_metrics` gives back exactly what was logged, and so does
 ``pandas.read_json(path, lines=True, precise_float=True, dtype=False)``. Without those two options
 pandas rounds the last digits of some floats and turns an all-digit checksum string into a number.
+
+A crash in the middle of a write can leave the last line incomplete. Such a **torn** line -- the
+file's final line, without its trailing newline, that does not parse as a record -- is dropped by
+:func:`read_metrics` and :meth:`MetricsWriter.continue_from` with an
+:class:`IncompleteLastLineWarning` naming ``file:line``; every other bad line (anywhere else, or a
+final line that ends with a newline) is an error naming ``file:line``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+
+class IncompleteLastLineWarning(UserWarning):
+    """The last line of a ``metrics.jsonl`` was cut short (a crash mid-write) and was left out."""
+
+
+def _parse(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` for every non-blank line of ``text`` (the content of ``path``).
+
+    A torn final line (no trailing newline, not a record) is left out with an
+    :class:`IncompleteLastLineWarning`; any other line that is not a record raises ``ValueError``
+    naming ``path:line``.
+    """
+    lines = text.split("\n")  # a file ending with a newline gives a last, empty element
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "kind" not in record:
+                raise ValueError(f"{path}:{number}: no autohdr records (each line is an object with a 'kind')")
+        except ValueError as exc:
+            if number == len(lines):  # the final line, and it has no newline: cut short by a crash
+                warnings.warn(f"{path}:{number}: incomplete last line ({len(line)} characters, no newline; a crash "
+                              f"while writing?) left out", IncompleteLastLineWarning, stacklevel=3)
+                break
+            if isinstance(exc, json.JSONDecodeError):
+                raise ValueError(f"{path}:{number}: not JSON ({exc.msg}); is this an autohdr metrics.jsonl?") from None
+            raise
+        out.append((line, record))
+    return out
 
 
 def _clean(value: Any) -> Any:
@@ -52,29 +92,45 @@ class MetricsWriter:
         self._handle = open(self.path, "w", encoding="utf-8")
 
     def continue_from(self, step: int) -> None:
-        """Keep records with ``step <= step`` (and step-less ones) that do not close a run."""
+        """Keep records with ``step <= step`` (and step-less ones) that do not close a run.
+
+        The kept history is written to a temporary file that then replaces ``metrics.jsonl``
+        (a crash meanwhile leaves the old file whole), and new records are appended after it. A
+        torn last line is dropped (:class:`IncompleteLastLineWarning`); any other bad line is a
+        ``ValueError`` naming ``file:line``.
+        """
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if not line.strip():
-                    continue
-                record = json.loads(line)
+            for line, record in _parse(self.path, self.path.read_text(encoding="utf-8")):
                 if record.get("kind") in self.ENDING_KINDS:
                     continue
                 if record.get("step") is None or record["step"] <= step:
                     kept.append(line)
-        self._handle = open(self.path, "w", encoding="utf-8")
-        self._handle.write("".join(line + "\n" for line in kept))
-        self._handle.flush()
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in kept))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._handle = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._handle is None:
             return
-        self._handle.write(json.dumps(_clean(record), allow_nan=False) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+            self._handle.flush()
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:  # name the file (e.g. a full disk)
+                raise OSError(exc.errno, f"{exc.strerror} while writing metrics", str(self.path)) from exc
+            raise
 
     def close(self) -> None:
         if self._handle is not None:
@@ -83,23 +139,18 @@ class MetricsWriter:
 
 
 def read_metrics(path_or_dir: str | Path) -> pd.DataFrame:
-    """Read ``metrics.jsonl`` (or the one inside a run folder) into a DataFrame."""
+    """Read ``metrics.jsonl`` (or the one inside a run folder) into a DataFrame.
+
+    A torn last line (see the module's docstring) is left out with an
+    :class:`IncompleteLastLineWarning`; any other line that is not a record is a ``ValueError``
+    naming ``file:line``.
+    """
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg}); is this an autohdr metrics.jsonl?") from None
-        if not isinstance(record, dict) or "kind" not in record:
-            raise ValueError(f"{path}:{number}: no autohdr records (each line is an object with a 'kind')")
-        records.append(record)
+    records = [record for _, record in _parse(path, path.read_text(encoding="utf-8"))]
     if not records:
         raise ValueError(f"metrics file {path} is empty")
     return pd.DataFrame.from_records(records)

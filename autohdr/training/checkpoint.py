@@ -8,31 +8,106 @@ A checkpoint is a dict of tensors and plain values only: ``model`` (state dict),
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+#: Temporary files of :func:`save_atomic`: ``.<name>.<pid>.<random>.autohdr.tmp`` beside ``<name>``.
+_TMP_SUFFIX = ".autohdr.tmp"
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX) + "$")
+#: The earlier naming (``.<name>.pt.<random>.tmp``, no pid), still recognized as orphans.
+_LEGACY_TMP_NAME = re.compile(r"^\.(?P<target>.+\.pt)\.[a-z0-9_]{8}\.tmp$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder...); ``filename`` is the checkpoint.
+
+    The file at that path, if any, is the previous checkpoint, untouched, and no temporary is left.
+    """
+
+
+def orphaned_temporaries(folder: str | Path) -> list[Path]:
+    """Temporary files that :func:`save_atomic` left in ``folder`` when its process died (``kill -9``).
+
+    Only names of :func:`save_atomic`'s pattern count; a temporary of a process that still runs on
+    this machine (a save in flight) does not.
+    """
+    from autohdr.training.run_folder import pid_alive
+    found = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        match = _TMP_NAME.match(entry.name)
+        if match is not None:
+            pid = int(match["pid"])
+            if pid != os.getpid() and pid_alive(pid):
+                continue
+        elif _LEGACY_TMP_NAME.match(entry.name) is None:
+            continue
+        if entry.is_file() and not entry.is_symlink():
+            found.append(entry)
+    return sorted(found)
+
+
+def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
+    """Delete :func:`orphaned_temporaries` of ``folder``; returns what was removed."""
+    removed = []
+    for path in orphaned_temporaries(folder):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The first ``OSError`` in ``exc`` or its causes (torch wraps a failed write in a ``RuntimeError``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
 
 def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` to ``path`` so that a crash never leaves a partial file there.
 
     The bytes go to a temporary file in the same folder, are flushed and fsynced, and the file
-    is then renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows).
+    is then renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows). Temporaries
+    that an earlier, killed process left in the folder are removed first.
+
+    Raises:
+        CheckpointWriteError: the file could not be written (e.g. ``ENOSPC``, no space left on the
+            device): ``path`` still holds the previous checkpoint and the temporary is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphaned_temporaries(path.parent)
+    tmp_name: str | None = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        cause = _os_error_in(exc) if isinstance(exc, Exception) else None
+        if cause is None or isinstance(exc, CheckpointWriteError):
+            raise
+        reason = cause.strerror or os.strerror(cause.errno)
+        raise CheckpointWriteError(cause.errno, f"{reason} while writing checkpoint", str(path)) from exc
     return path
 
 

@@ -297,11 +297,17 @@ class Trainer:
 
     def _resume(self, path: str | Path) -> int:
         state = ckpt.load_checkpoint(path, self.device)
+        trained = int(state["epoch"]) + (1 if state.get("epoch_complete", True) else 0)
+        if self.config.epochs < trained:
+            raise ValueError(f"epochs={self.config.epochs} is fewer than the {trained} epoch(s) {path} has already "
+                             f"trained: resume with more epochs, or start from its weights with --init-from")
         ckpt.load_model_weights(self.core, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("schedule_total_steps") is not None:
-            self.schedule_total_steps = int(state["schedule_total_steps"])
+            saved = state.get("config")
+            self._resume_schedule(int(state["schedule_total_steps"]),
+                                  saved.get("epochs") if isinstance(saved, dict) else None, path)
         torch.set_rng_state(state["rng"])
         self.hooks.load_state_dict(state)
         if not state.get("epoch_complete", True):  # interrupted.pt: finish that epoch from its next batch
@@ -310,6 +316,25 @@ class Trainer:
             return self.epoch
         self.info(f"resumed from {path} after epoch {self.epoch + 1}")
         return self.epoch + 1
+
+    def _resume_schedule(self, saved_total: int, saved_epochs: int | None, path: str | Path) -> None:
+        """Keep the checkpoint's cosine length, or recompute it when this run plans another one
+        (``epochs`` changed, or the steps per epoch did) and say so: from the resumed step on, the
+        learning rate is the one a run planned this long from the start would use."""
+        planned = self.schedule_total_steps
+        if planned is None and saved_epochs and saved_epochs != self.config.epochs:
+            planned = saved_total // saved_epochs * self.config.epochs  # a loader without len(): scale per epoch
+        if planned is None or planned == saved_total:
+            self.schedule_total_steps = saved_total
+            return
+        self.schedule_total_steps = planned
+        step = self.scheduler.last_epoch
+        before = self.optimizer.param_groups[0]["lr"]
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * self._lr_factor(step)
+        self.info(f"resume: {path} was planned for {saved_epochs} epochs ({saved_total} steps), this run for "
+                  f"{self.config.epochs} ({planned} steps): cosine schedule recomputed, the learning rate continues at "
+                  f"step {step} of it ({before:.3g} -> {self.optimizer.param_groups[0]['lr']:.3g})")
 
     def _train_epoch(self) -> None:
         cfg = self.config

@@ -35,7 +35,8 @@ class RunSpec:
     """A debug run: a mode, optionally broken by a fault, with preset overrides.
 
     ``model`` names a model class in :mod:`tests.faults` (``None``: the healthy model);
-    ``loader_sleep_s > 0`` wraps the training loader in :class:`tests.faults.SleepingLoader`;
+    ``loader_sleep_factor > 0`` wraps the training loader in :class:`tests.faults.SleepingLoader`, which
+    holds each batch back that many times the previous step's own compute (independent of machine load);
     ``loader_fault`` names a loader wrapper in :mod:`tests.faults` (a data bug) for the training
     loader, and for the validation loader too where the wrapper says ``applies_to_val``.
     """
@@ -43,7 +44,7 @@ class RunSpec:
     name: str
     mode: str
     model: str | None = None
-    loader_sleep_s: float = 0.0
+    loader_sleep_factor: float = 0.0
     loader_fault: str | None = None
     overrides: tuple[tuple[str, Any], ...] = ()
     epochs: int | None = None
@@ -73,13 +74,13 @@ def _train(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
     overrides = dict(spec.overrides)
     model = getattr(faults, spec.model)() if spec.model else None
     train_loader = val_loader = None
-    if spec.loader_sleep_s > 0 or spec.loader_fault:
+    if spec.loader_sleep_factor > 0 or spec.loader_fault:
         preset = load_preset(spec.mode, overrides)
         data = data_preset_from_env(preset.data)
         train_rows, val_rows = select_rows(default_fixture_root(), data)
         train_loader, val_loader = build_loaders(train_rows, val_rows, data, spec.seed)
-        if spec.loader_sleep_s > 0:
-            train_loader = faults.SleepingLoader(train_loader, spec.loader_sleep_s)
+        if spec.loader_sleep_factor > 0:
+            train_loader = faults.SleepingLoader(train_loader, spec.loader_sleep_factor)
         if spec.loader_fault:
             wrapper = getattr(faults, spec.loader_fault)
             train_loader = wrapper(train_loader)
