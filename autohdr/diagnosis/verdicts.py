@@ -319,11 +319,11 @@ def loss_decreases(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     required = 0.0 if from_checkpoint else cfg.loss_min_relative_drop
     evidence = {"first_window_mean": first, "last_window_mean": last, "relative_drop": drop, "window": window,
                 "required_drop": required, "from_checkpoint": from_checkpoint}
+    change = f"rose by {-drop:.1%}" if drop < 0 else f"fell {'only ' if drop < required else ''}{drop:.1%}"
     if not drop >= required:
         need = "must not rise from a checkpoint" if from_checkpoint else f"needs {required:.0%}"
-        return Verdict("loss_decreases", False,
-                       f"training loss fell only {drop:.1%} ({first:.5f} -> {last:.5f}; {need})", evidence)
-    return Verdict("loss_decreases", True, f"training loss fell {drop:.1%} ({first:.5f} -> {last:.5f})", evidence)
+        return Verdict("loss_decreases", False, f"training loss {change} ({first:.5f} -> {last:.5f}; {need})", evidence)
+    return Verdict("loss_decreases", True, f"training loss {change} ({first:.5f} -> {last:.5f})", evidence)
 
 
 def finite(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
