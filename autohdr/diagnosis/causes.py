@@ -28,6 +28,8 @@ RUNBOOK_SECTIONS = ("Preconditions", "Debug Modes", "New Diagnostics", "Good vs 
 TINY_LR_FRACTION = 1e-3
 #: Without a reference learning rate, a peak at or below this is absurdly small.
 TINY_LR_ABSOLUTE = 1e-7
+#: A clip norm below this fraction of the median gradient norm clips nearly every step by itself.
+CLIP_TIGHT_FRACTION = 0.1
 #: A group whose gradient is zero on more than this fraction of steps is frozen or detached.
 ZERO_GRAD_FRAC = 0.5
 
@@ -262,6 +264,20 @@ def _diverged(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
                       "Good vs Bad Signals")
 
 
+def _clip_too_tight(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Clipping on most steps because the clip norm sits far below the typical gradient norm."""
+    clip = _config(run.history).get("grad_clip_norm")
+    norms = _numbers(_rows(run.history, "train_step"), "grad_norm_total")
+    if "clipping_sane" not in bad or clip is None or not len(norms):
+        return []
+    typical = float(norms.median())
+    if not float(clip) < CLIP_TIGHT_FRACTION * typical:
+        return []
+    return _diagnosis("clip_too_tight", f"train.grad_clip_norm={clip!r} is far below the typical gradient norm "
+                      f"(median {_fmt(typical)}): nearly every step is clipped", bad, ("clipping_sane",),
+                      "train_step grad_norm_total and grad_clipped", "Good vs Bad Signals")
+
+
 def _optimizer_mismatch(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
     """Parameters that get gradients but are not optimized, or the reverse (``optimizer_covers_params``)."""
     verdict = bad.get("optimizer_covers_params")
@@ -353,7 +369,7 @@ def _residual_hurts(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
 
 
 RULES: tuple[Rule, ...] = (_data_out_of_range, _pairs_mismatched, _batch_repeats, _learning_rate_zero, _diverged,
-                           _optimizer_mismatch, _frozen_group, _eval_differs, _residual_hurts)
+                           _clip_too_tight, _optimizer_mismatch, _frozen_group, _eval_differs, _residual_hurts)
 
 
 def diagnose(verdicts: list[Verdict], history: pd.DataFrame, *, reference_lr: float | None = None) -> list[Diagnosis]:
