@@ -79,6 +79,9 @@ def _print_report(report: dict) -> None:
     verdicts = [Verdict(**v) for v in report["verdicts"]]
     print(f"\n{report['mode']} ({report['runbook_name'] or report['stage']}) on {report['device']}")
     print(format_table(verdicts))
+    if report.get("diagnoses"):
+        from autohdr.diagnosis.causes import Diagnosis, format_diagnoses
+        print("\n" + format_diagnoses([Diagnosis.from_dict(d) for d in report["diagnoses"]]))
     figures = report["figures"]
     print("\n" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
     if report.get("error"):
@@ -136,6 +139,8 @@ def _judge(args) -> int:
     from autohdr.diagnosis.presets import load_preset
     from autohdr.diagnosis.report_html import write_report_html
     from autohdr.diagnosis.verdicts import JudgeConfig, all_good, format_table, judge
+    from autohdr.diagnosis.causes import diagnose, format_diagnoses
+    from autohdr.diagnosis.metrics_log import read_metrics
     cfg = JudgeConfig()
     report_path = args.run_dir / "report.json"
     mode = args.mode
@@ -149,12 +154,14 @@ def _judge(args) -> int:
             cfg = from_mapping(JudgeConfig, cfg_dict, where=f"{report_path} config.judge")
     else:
         cfg = load_preset(mode).judge
-    verdicts = judge(args.run_dir, cfg)
+    history = read_metrics(args.run_dir)
+    verdicts = judge(history, cfg)
     good = all_good(verdicts)
+    diagnoses = diagnose(verdicts, history, reference_lr=_reference_lr(args.run_dir, args.mode, history))
     # report.html shows these verdicts, with the thresholds that gave them; report.json stays as the run wrote it.
     config = stored.get("config") if isinstance(stored.get("config"), dict) else {}
     page = {"out_dir": str(args.run_dir), **stored, "verdicts": [v.to_dict() for v in verdicts], "all_good": good,
-            "config": {**config, "judge": to_dict(cfg)}}
+            "diagnoses": [d.to_dict() for d in diagnoses], "config": {**config, "judge": to_dict(cfg)}}
     try:
         report_file = write_report_html(args.run_dir, page)
     except OSError as exc:  # a read-only run folder: the verdicts still count
@@ -164,8 +171,24 @@ def _judge(args) -> int:
         print(json.dumps({"all_good": good, "verdicts": [v.to_dict() for v in verdicts]}, indent=2, default=str))
     else:
         print(format_table(verdicts))
+        causes = format_diagnoses(diagnoses)
+        if causes:
+            print("\n" + causes)
         print("\n" + _summary_line(good, report_file))
     return EXIT_OK if good else EXIT_BAD_SIGNAL
+
+
+def _reference_lr(run_dir: Path, mode: str | None, history) -> float | None:
+    """The learning rate of the run's preset (``--mode``, else the mode in its report.json), if known."""
+    from autohdr.diagnosis.debug import preset_reference_lr
+    if mode is None:
+        try:
+            mode = json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("mode")
+        except (OSError, ValueError, AttributeError):
+            return None
+    start = history[history["kind"] == "run_start"] if "kind" in history else history.iloc[0:0]
+    stage = start.iloc[-1]["stage"] if not start.empty and "stage" in start else None
+    return preset_reference_lr(mode, stage if isinstance(stage, str) else None)
 
 
 def _one_line(exc: BaseException) -> str:

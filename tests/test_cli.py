@@ -180,6 +180,7 @@ class TestDebugExitCodes:
         bad = {v["signal"] for v in report["verdicts"] if v["ok"] is False}
         assert {"scores_move", "probe_checksums_change"} <= bad, bad
         assert "BAD SIGNALS" in frozen_run.result.stdout
+        assert "likely cause\n- the learning rate is 0 (train.lr=0.0)" in frozen_run.result.stdout
 
     def test_python_m_autohdr(self, process_run):
         result, out_dir = process_run
@@ -258,9 +259,10 @@ class TestJudge:
     def test_table_lists_every_verdict(self, frozen_run):
         result = run_cli("judge", frozen_run.out_dir)
         mark = {True: "GOOD", False: "BAD", None: "n/a"}
-        lines = result.stdout.strip().split("\n\n")[0].splitlines()[2:]
+        lines = result.stdout.strip().splitlines()[2:2 + len(frozen_run.report["verdicts"])]  # then: likely causes
         assert [(line.split()[0], line.split()[1]) for line in lines] == [
             (v["signal"], mark[v["ok"]]) for v in frozen_run.report["verdicts"]]
+        assert "\nlikely cause\n- the learning rate is 0 (train.lr=0.0)" in result.stdout
 
     def test_mode_selects_the_thresholds(self, frozen_run):
         """stage2_probe reports beats_identity without judging it; every other verdict is unchanged."""

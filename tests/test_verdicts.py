@@ -404,10 +404,10 @@ class TestHealthyRun:
         assert result["residual_contributes"].evidence["residual_flow_abs_mean_px_max"] == pytest.approx(0.04)
         assert result["residual_not_inactive"].evidence == {"inactivity_warnings": 0, "allowed": 1}
         assert result["not_data_bound"].evidence["data_time_frac_median"] == pytest.approx(0.05)
-        # window = max(3, 20 // 5) = 4: steps 1-4 mean 1 - 0.5 * 2.5 / 20, steps 17-20 mean 1 - 0.5 * 18.5 / 20
+        # first and last complete epoch: steps 1-5 mean 1 - 0.5 * 3 / 20, steps 16-20 mean 1 - 0.5 * 18 / 20
         loss = result["loss_decreases"].evidence
-        assert (loss["window"], loss["first_window_mean"], loss["last_window_mean"]) == \
-            (4, pytest.approx(0.9375), pytest.approx(0.5375))
+        assert (loss["basis"], loss["window"], loss["first_window_mean"], loss["last_window_mean"]) == \
+            ("epochs", [0, 3], pytest.approx(0.925), pytest.approx(0.55))
         assert result["clipping_sane"].evidence["clipped_frac"] == pytest.approx(0.1)
         assert result["finite"].detail == "all 20 steps finite"
         assert result["ranks_in_sync"].detail == "parameter and probe checksums agree across ranks in 4 epochs"
@@ -681,9 +681,9 @@ class TestJudgeConfig:
         ("residual_not_inactive", with_warnings(2), "inactive_max_warnings", 1, False),
         ("residual_not_inactive", with_warnings(2), "inactive_max_warnings", 2, True),
         ("residual_not_inactive", with_warnings(1), "inactive_max_warnings", 0, False),
-        # the loss falls (0.9375 - 0.5375) / 0.9375 = 42.7 %
-        ("loss_decreases", None, "loss_min_relative_drop", 0.42, True),
-        ("loss_decreases", None, "loss_min_relative_drop", 0.43, False),
+        # the loss falls (0.925 - 0.55) / 0.925 = 40.5 % from the first to the last epoch
+        ("loss_decreases", None, "loss_min_relative_drop", 0.40, True),
+        ("loss_decreases", None, "loss_min_relative_drop", 0.41, False),
         ("loss_decreases", loss_flat, "loss_min_relative_drop", 0.0, True),
         # data is 5 % of a step (75 % when data-bound)
         ("not_data_bound", None, "data_bound_max_frac", 0.04, False),

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from autohdr import data as data_mod
-from autohdr.training.config import to_dict
+from autohdr.training.config import stage_spec, to_dict
 from autohdr.training.distributed import SINGLE, DistContext, barrier, init_distributed, shutdown
 from autohdr.training import run_folder
 from autohdr.diagnosis.metrics_log import read_metrics
@@ -34,6 +34,7 @@ from autohdr.data.settings import DataSettings, default_fixture_root, ensure_kmp
 from autohdr.data.split_files import check_replaceable, write_owned_files
 from autohdr.training.trainer import NonFiniteLossError, Trainer
 from autohdr.diagnosis.verdicts import all_good, judge
+from autohdr.diagnosis.causes import diagnose
 
 #: Environment variables that override a preset's ``[data]`` table, and the field each sets.
 ENV_TO_DATA_FIELD = {
@@ -163,6 +164,17 @@ def load_ground_truth(data_root: Path) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def preset_reference_lr(mode: str | Path | None, stage: str | None = None) -> float | None:
+    """The peak optimizer learning rate ``mode``'s preset file sets (before ``--set``), at ``stage``'s
+    lr_scale; ``None`` when ``mode`` is not a preset (the reference for "absurdly small")."""
+    try:
+        train = load_preset(mode).train if mode else None
+        scale = stage_spec(stage).lr_scale if stage else train.spec.lr_scale if train else 1.0
+    except ValueError:
+        return None
+    return train.lr * scale if train else None
+
+
 def default_out_dir(mode: str) -> Path:
     return Path("runs") / f"{Path(mode).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -257,6 +269,7 @@ def run_debug_mode(
         if dist_ctx.is_main:
             history = read_metrics(out)
             verdicts = judge(history, preset.judge)
+            diagnoses = diagnose(verdicts, history, reference_lr=preset_reference_lr(mode, train_cfg.stage))
             report = {
                 "mode": preset.mode,
                 "runbook_name": preset.runbook_name,
@@ -265,6 +278,7 @@ def run_debug_mode(
                 "error": error,
                 "interrupted": interrupted,
                 "verdicts": [v.to_dict() for v in verdicts],
+                "diagnoses": [d.to_dict() for d in diagnoses],
                 "figures": _figures(history, time.perf_counter() - started),
                 "out_dir": str(out),
                 "data_root": str(root) if uses_data_root else None,
