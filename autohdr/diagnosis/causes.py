@@ -246,6 +246,9 @@ def _learning_rate_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosi
         cause_id, cause = "lr_tiny", f"the learning rate is absurdly small ({setting}, peak {peak:g}; {versus})"
     residual_can_learn = not _gets_no_gradient(bad.get("residual_head_learning"))
     claims += [name for name in GROUP_SIGNALS if name in bad and not _gets_no_gradient(bad[name])]
+    # Heads whose last layer starts at zero pass no gradient to the backbone until they move: with
+    # nothing moving, a backbone without gradient is a consequence, not a second fault.
+    claims += ["backbone_learning"]
     if residual_can_learn:
         claims += RESIDUAL_KNOCK_ON
     return _diagnosis(cause_id, cause, bad, claims, "train_step lr (and run_start config.lr)",
@@ -310,6 +313,10 @@ def _frozen_group(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
                      "False / not in the optimizer) or detached (.detach(), torch.no_grad() or x 0 between it and "
                      "the loss)")
             claims = (signal, *knock_on)
+            coverage = bad.get("optimizer_covers_params")
+            if coverage is not None and not coverage.evidence.get("grad_not_optimized"):
+                # its optimized parameters never get a gradient: the same fault seen from the optimizer
+                claims = (*claims, "optimizer_covers_params")
         elif group == "residual_head" and _empty_group(run.history, group) and "residual_contributes" in bad:
             cause = ("the residual head has no trainable parameters (parameter group residual_head is empty): a "
                      "parameter-free module, or its modules are not named (--groups residual_head=MODULE.PATH)")
@@ -330,6 +337,13 @@ def _eval_differs(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
     out: list[Diagnosis] = []
     remaining = dict(bad)
     checks = [
+        ("probe_tracks_updates", "eval_stale",
+         "evaluation looks at a stale model: the probe did not change while the parameters moved (a cached copy, "
+         "an EMA or a reloaded checkpoint is evaluated instead of the trained weights)",
+         ("probe_tracks_updates", "probe_checksums_change", "scores_move", "eval_residual_matches_train",
+          "residual_helps", *BASELINE_SIGNALS),
+         "probe_pred_checksum per val_epoch vs param_delta_* between them",
+         "Good vs Bad Signals: probe checksums unchanged while parameter deltas are non-zero"),
         ("eval_deterministic", "eval_random",
          "evaluation is random: dropout or another random op stays active at eval (the same probe gave different "
          "outputs twice; is model.eval() reaching every module?)", ("eval_deterministic", "ranks_in_sync"),
@@ -339,12 +353,6 @@ def _eval_differs(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
          ("eval_residual_matches_train", "residual_helps", *BASELINE_SIGNALS),
          "residual_contrib_px_mean in train_step vs the eval residual evidence",
          "Debug Modes: stage 2 residual probe"),
-        ("probe_tracks_updates", "eval_stale",
-         "evaluation looks at a stale model: the probe did not change while the parameters moved (a cached copy, "
-         "an EMA or a reloaded checkpoint is evaluated instead of the trained weights)",
-         ("probe_tracks_updates", "probe_checksums_change", "scores_move", *BASELINE_SIGNALS),
-         "probe_pred_checksum per val_epoch vs param_delta_* between them",
-         "Good vs Bad Signals: probe checksums unchanged while parameter deltas are non-zero"),
     ]
     for trigger, cause_id, cause, claims, look_at, runbook in checks:
         verdict = remaining.get(trigger)
@@ -369,7 +377,7 @@ def _residual_hurts(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
 
 
 RULES: tuple[Rule, ...] = (_data_out_of_range, _pairs_mismatched, _batch_repeats, _learning_rate_zero, _diverged,
-                           _clip_too_tight, _optimizer_mismatch, _frozen_group, _eval_differs, _residual_hurts)
+                           _clip_too_tight, _frozen_group, _optimizer_mismatch, _eval_differs, _residual_hurts)
 
 
 def diagnose(verdicts: list[Verdict], history: pd.DataFrame, *, reference_lr: float | None = None) -> list[Diagnosis]:
