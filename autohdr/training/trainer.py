@@ -172,7 +172,7 @@ class Trainer:
 
     def _loss(self, correction: Correction, target: torch.Tensor):
         return composite_loss(
-            correction.prediction.float(), target.float(), weights=self.config.loss_weights,
+            correction.loss_prediction.float(), target.float(), weights=self.config.loss_weights,
             residual_flow_lowres=correction.residual_flow_lowres,
             final_grid=correction.warp.final_grid if self.spec.jacobian_term else None,
             residual_terms=self.spec.residual_terms, jacobian_term=self.spec.jacobian_term)
@@ -273,12 +273,16 @@ class Trainer:
         checked = _FiniteOutputs(self.core, used, self._fail_non_finite_outputs).train(self.model.training)
         scores = score_subset(checked, self.val_loader, residual_active=self.spec.residual_active,
                               device=self.device, ground_truth=self.ground_truth, loss_fn=loss_fn,
-                              with_baselines=need_baselines)
+                              with_baselines=need_baselines, constant_lens=cfg.debug_instrumentation)
         if need_baselines:
             self._baselines = {f"identity_proxy_{k}": v for k, v in scores.identity.items()}
             if scores.ground_truth is not None:
                 self._baselines.update({f"gt_proxy_{k}": v for k, v in scores.ground_truth.items()})
         record.update({f"val_proxy_{k}": v for k, v in scores.model.items()})
+        # beats_constant_lens: the model's own mean lens on every image, and (fixtures) per-parameter
+        # correlation of the predictions with ground truth
+        record.update({f"constant_lens_proxy_{k}": v for k, v in (scores.constant_lens or {}).items()})
+        record.update({f"pred_gt_corr_{k}": v for k, v in (scores.param_correlations or {}).items()})
         record.update(self._baselines)
         record["val_sample_count"] = scores.sample_count
         record["val_loss"] = scores.loss_sums["val_loss"] / max(1, scores.sample_count)
