@@ -211,17 +211,20 @@ class SleepingLoader:
 
 
 class _BatchNormParamHead(nn.Module):
-    """The parameter head with a ``BatchNorm1d`` on the pooled features (zero last layer kept)."""
+    """The parameter head with a ``BatchNorm1d`` (instead of its LayerNorm) on the pooled cells
+    (zero last layer kept)."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self.bounds = head.bounds
+        self.pool = head.pool
         self.norm = nn.BatchNorm1d(head.fc1.in_features, momentum=0.5)
         self.fc1, self.fc2 = head.fc1, head.fc2
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from autohdr.lens.model import bound_params
-        raw = self.fc2(torch.nn.functional.silu(self.fc1(self.norm(features.mean(dim=(2, 3))))))
+        cells = torch.nn.functional.adaptive_avg_pool2d(features, self.pool).flatten(1)
+        raw = self.fc2(torch.nn.functional.silu(self.fc1(self.norm(cells))))
         return bound_params(raw, self.bounds), raw
 
 
