@@ -9,7 +9,8 @@ import torch
 from autohdr.data.settings import default_fixture_root
 from autohdr.lens.geometry import PARAM_NAMES, apply_correction, identity_params
 from autohdr.diagnosis.instrumentation import GROUP_NAMES, parameter_groups
-from autohdr.lens.model import DEFAULT_PARAM_BOUNDS, LensCorrectionModel, ModelConfig, ParamHead, bound_params
+from autohdr.lens.model import (DEFAULT_PARAM_BOUNDS, EqualizedLinear, LensCorrectionModel, ModelConfig, ParamHead,
+                                bound_params)
 from tests.tolerances import assert_close
 
 SMALL = ModelConfig(widths=(8, 16, 16, 32), head_hidden=16, residual_hidden=8)
@@ -149,3 +150,28 @@ def test_default_bounds_hold_every_fixture_lens():
     frame = pd.read_csv(default_fixture_root().parent / "ground_truth.csv")
     for name, (lo, hi) in zip(PARAM_NAMES, DEFAULT_PARAM_BOUNDS):
         assert lo < frame[name].min() and frame[name].max() < hi, name
+
+
+class TestEqualizedLinear:
+    def test_one_adam_step_moves_the_output_by_order_lr(self):
+        """Adam moves every weight by ~lr: an nn.Linear with 4096 inputs moves its output by ~lr * 4096
+        on one step, the equalized layer by ~lr * sqrt(4096)."""
+        torch.manual_seed(0)
+        x = torch.randn(4, 4096)
+        moves = {}
+        for name, layer in (("plain", torch.nn.Linear(4096, 1)), ("equalized", EqualizedLinear(4096, 1))):
+            before = layer(x).detach()
+            optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+            layer(x).sum().backward()
+            optimizer.step()
+            moves[name] = float((layer(x).detach() - before).abs().mean())
+        assert moves["plain"] > 1.0
+        assert moves["equalized"] < 0.1
+
+    def test_initial_weights_match_nn_linear_scale(self):
+        torch.manual_seed(0)
+        layer = EqualizedLinear(1024, 256)
+        effective = layer.weight.detach() * layer.scale
+        bound = 1024 ** -0.5
+        assert float(effective.abs().max()) <= bound
+        assert float(effective.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)  # U(-b, b)
