@@ -170,16 +170,21 @@ class ConstantFeaturesParamHead(LensCorrectionModel):
 
 
 class _BiasOnlyHead(nn.Module):
-    """Eight trainable raw values used for every image: ``raw = bias``, ``(B, 8)``."""
+    """Eight trainable raw values used for every image: ``raw = gain * bias``, ``(B, 8)``.
 
-    def __init__(self, bounds: tuple[tuple[float, float], ...]) -> None:
+    The gain lets Adam's ~lr-sized steps move the lens about as fast as the real head's many
+    weights move its output, so the fault learns its one lens within a short run.
+    """
+
+    def __init__(self, bounds: tuple[tuple[float, float], ...], gain: float = 20.0) -> None:
         super().__init__()
         self.bounds = bounds
+        self.gain = gain
         self.bias = nn.Parameter(torch.zeros(8))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from autohdr.lens.model import bound_params
-        raw = self.bias.expand(features.shape[0], -1)
+        raw = (self.gain * self.bias).expand(features.shape[0], -1)
         return bound_params(raw, self.bounds), raw
 
 

@@ -471,7 +471,7 @@ NOT_APPLICABLE = [
     ("residual_not_inactive", "stage2_hybrid", (), {"instrumentation": False}, "instrumentation off"),
     ("beats_identity", "stage2_hybrid", (_no_val,), {}, "no validation epoch with an identity baseline"),
     ("beats_constant_lens", "stage1_param_only", (), {"instrumentation": False},
-     "no validation epoch with a constant-lens score"),
+     "no constant-lens score recorded"),
     ("not_data_bound", "stage2_hybrid", (data_bound,), {"perf": False}, "debug_perf_enabled off"),
     ("init_is_identity", "stage2_hybrid", (_from_checkpoint,), {}, "initialized from a checkpoint"),
     ("init_is_identity", "stage3_finetune", (_resumed,), {}, "no init check recorded"),

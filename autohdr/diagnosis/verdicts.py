@@ -256,7 +256,8 @@ def beats_constant_lens(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     val = _rows(history, "val_epoch")
     if _column(val, "constant_lens_proxy_total") is None or _column(val, "val_proxy_total") is None:
         return Verdict("beats_constant_lens", None,
-                       "no validation epoch with a constant-lens score (instrumentation off, or an older run)")
+                       "no constant-lens score recorded (it is scored at the last validation epoch when "
+                       "debug_instrumentation is on)")
     last = val.dropna(subset=["constant_lens_proxy_total", "val_proxy_total"]).iloc[-1]
     model, constant = float(last["val_proxy_total"]), float(last["constant_lens_proxy_total"])
     evidence: dict[str, Any] = {"model_proxy_total": model, "constant_lens_proxy_total": constant,
