@@ -1,7 +1,5 @@
 """``python -m autohdr`` is the ``autohdr`` command."""
 
-import sys
+from autohdr.cli import entry
 
-from autohdr.cli import main
-
-sys.exit(main())
+entry()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from autohdr.diagnosis.presets import MODES
+from autohdr.training.distributed import launched_by_torchrun
 
 EXIT_OK, EXIT_BAD_SIGNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -234,5 +236,21 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_USAGE
 
 
+def entry() -> None:
+    """The ``autohdr`` command: run :func:`main` and exit with its code.
+
+    Under torchrun a rank leaves with ``os._exit`` once its work is done and the process group is
+    destroyed: gloo's worker threads can otherwise abort interpreter teardown after a good run
+    ("terminate called without an active exception", exit -6), which torchrun reports as a failed job.
+    Every file a run writes is closed by then, so skipping finalization loses nothing.
+    """
+    code = main()
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

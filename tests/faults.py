@@ -124,6 +124,79 @@ class SaturatedParamHead(LensCorrectionModel):
         return bound_params(raw, self.param_bounds)
 
 
+# ---------------------------------------------------------------- models that ignore their input
+# Each still beats identity on the overfit subset (one good lens for the whole data set beats no
+# correction) and trains normally; only beats_constant_lens can tell it from a model that learns
+# each image's lens.
+
+class _BatchMeanFeatures(nn.Module):
+    """Feeds the wrapped parameter head the batch's mean features, ``(B, C, h, w)`` all equal."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(features.mean(dim=0, keepdim=True).expand_as(features))
+
+
+class BatchAveragedFeatures(LensCorrectionModel):
+    """The parameter head sees the features averaged over the batch: one lens per batch, whatever
+    each image shows (a reduction over the wrong dimension)."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.param_head = _BatchMeanFeatures(self.param_head)
+
+
+class _ConstantFeatures(nn.Module):
+    """Feeds the wrapped parameter head constant features (ones of the features' shape)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(torch.ones_like(features))
+
+
+class ConstantFeaturesParamHead(LensCorrectionModel):
+    """The parameter head is fed constant features instead of the backbone's (a wrong tensor passed
+    on): it trains, but can only learn one lens."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.param_head = _ConstantFeatures(self.param_head)
+
+
+class _BiasOnlyHead(nn.Module):
+    """Eight trainable raw values used for every image: ``raw = gain * bias``, ``(B, 8)``.
+
+    The gain lets Adam's ~lr-sized steps move the lens about as fast as the real head's many
+    weights move its output, so the fault learns its one lens within a short run.
+    """
+
+    def __init__(self, bounds: tuple[tuple[float, float], ...], gain: float = 20.0) -> None:
+        super().__init__()
+        self.bounds = bounds
+        self.gain = gain
+        self.bias = nn.Parameter(torch.zeros(8))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from autohdr.lens.model import bound_params
+        raw = (self.gain * self.bias).expand(features.shape[0], -1)
+        return bound_params(raw, self.bounds), raw
+
+
+class FrozenBackboneBiasHead(LensCorrectionModel):
+    """The backbone is frozen at its random initialization and the parameter head is only a bias."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.backbone.requires_grad_(False)
+        self.param_head = _BiasOnlyHead(self.param_bounds)
+
+
 class SleepingLoader:
     """Wraps a loader and, before every batch, sleeps ``factor`` times the compute of the step before.
 
@@ -161,17 +234,20 @@ class SleepingLoader:
 
 
 class _BatchNormParamHead(nn.Module):
-    """The parameter head with a ``BatchNorm1d`` on the pooled features (zero last layer kept)."""
+    """The parameter head with a ``BatchNorm1d`` (instead of its LayerNorm) on the pooled cells
+    (zero last layer kept)."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self.bounds = head.bounds
+        self.pool = head.pool
         self.norm = nn.BatchNorm1d(head.fc1.in_features, momentum=0.5)
         self.fc1, self.fc2 = head.fc1, head.fc2
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from autohdr.lens.model import bound_params
-        raw = self.fc2(torch.nn.functional.silu(self.fc1(self.norm(features.mean(dim=(2, 3))))))
+        cells = torch.nn.functional.adaptive_avg_pool2d(features, self.pool).flatten(1)
+        raw = self.fc2(torch.nn.functional.silu(self.fc1(self.norm(cells))))
         return bound_params(raw, self.bounds), raw
 
 

@@ -56,7 +56,7 @@ def train_by_hand(out_dir: Path, mode: str = "stage2_probe", *, model: nn.Module
             optimizer.step()
             hooks.on_train_batch_end(loss, correction, components=parts, grad_norm_total=grad_norm,
                                      clip_norm=cfg.grad_clip_norm)
-        hooks.on_validation(val_loader)
+        hooks.on_validation(val_loader, final=epoch == cfg.epochs - 1)
         hooks.on_train_epoch_end()
     hooks.on_train_end()
     return judge(out_dir, preset.judge)

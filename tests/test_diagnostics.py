@@ -43,7 +43,8 @@ def expected_good(spec: RunSpec) -> list[str]:
     if spec.mode == "overfit_stage1":
         skip |= set(RESIDUAL_SIGNALS) | set(RESIDUAL_EFFECT_SIGNALS)
     else:
-        skip.add("beats_identity")  # a 4-epoch probe is not an overfit: reported, not judged
+        # a 4-epoch probe is not an overfit: reported, not judged
+        skip |= {"beats_identity", "beats_constant_lens"}
     return [signal for signal in SIGNALS if signal not in skip]
 
 
@@ -86,6 +87,30 @@ def test_overfit_beats_identity_on_the_exact_same_subset(debug_run):
 
 
 @pytest.mark.overfit_stage1
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in HEALTHY if s.mode == "overfit_stage1"])
+def test_overfit_learns_each_images_lens(debug_run, spec):
+    """Beyond the verdict's margin: the predictions follow the fixtures' ground truth, and the
+    model's own mean lens is scored on the same subset (no ground truth needed for that)."""
+    run = debug_run(spec)
+    verdict = run.verdict("beats_constant_lens")
+    assert verdict.evidence["delta"] > verdict.evidence["margin"] == run.report["config"]["judge"][
+        "beats_constant_lens_margin"]
+    assert verdict.evidence["identity_proxy_total"] < verdict.evidence["constant_lens_proxy_total"]
+    assert verdict.evidence["param_corr_k1"] > 0.3 and verdict.evidence["param_corr_s"] > 0.3
+    figures = run.report["figures"]
+    assert figures["param_corr_k1"] == verdict.evidence["param_corr_k1"]
+    assert figures["final_constant_lens_proxy_total"] == verdict.evidence["constant_lens_proxy_total"]
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=MODE_MARKS[s.mode], id=s.name)
+                                  for s in HEALTHY if s.mode != "overfit_stage1"])
+def test_probes_report_the_constant_lens_without_judging_it(debug_run, spec):
+    verdict = debug_run(spec).verdict("beats_constant_lens")
+    assert verdict.ok is None and verdict.detail.startswith("not required in this mode (model ")
+    assert "constant_lens_proxy_total" in verdict.evidence
+
+
+@pytest.mark.overfit_stage1
 def test_scores_move_at_full_precision(debug_run):
     val = debug_run(HEALTHY[0]).history.query("kind == 'val_epoch'")
     # consecutive epochs differ, and the differences are below what a 4-decimal log would show
@@ -124,6 +149,9 @@ def _fault(name: str, mode: str, fires, stays_good, **spec) -> Fault:
 
 _STAGE2_PLUMBING = ("finite", "init_is_identity", "not_data_bound", "param_head_learning", "clipping_sane",
                     "scores_move", "probe_checksums_change", "probe_tracks_updates")
+
+_IGNORES_INPUT_GREEN = ("beats_identity", "loss_decreases", "finite", "init_is_identity", "not_data_bound",
+                        "param_head_learning", "clipping_sane", "scores_move", "probe_tracks_updates")
 
 FAULTS = [
     _fault("residual-requires-grad-off", "stage2_probe", RESIDUAL_SIGNALS, _STAGE2_PLUMBING,
@@ -204,6 +232,12 @@ FAULTS = [
     _fault("pairs-swapped", "overfit_stage1", ("pairs_match_ground_truth",),
            ("finite", "init_is_identity", "param_head_learning", "batches_in_range", "batches_vary"),
            loader_fault="SwappedPairs", epochs=2),
+    # Models that ignore their input: they train and beat identity with one lens for every image,
+    # and only beats_constant_lens sees it.
+    *(_fault(name, "overfit_stage1", ("beats_constant_lens",), _IGNORES_INPUT_GREEN, model=model, epochs=10)
+      for name, model in (("features-averaged-over-batch", "BatchAveragedFeatures"),
+                          ("param-head-fed-constant-features", "ConstantFeaturesParamHead"),
+                          ("frozen-backbone-bias-only-head", "FrozenBackboneBiasHead"))),
 ]
 
 

@@ -2,12 +2,15 @@
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 
-from autohdr.lens.geometry import apply_correction, identity_params
+from autohdr.data.settings import default_fixture_root
+from autohdr.lens.geometry import PARAM_NAMES, apply_correction, identity_params
 from autohdr.diagnosis.instrumentation import GROUP_NAMES, parameter_groups
-from autohdr.lens.model import DEFAULT_PARAM_BOUNDS, LensCorrectionModel, ModelConfig, bound_params
+from autohdr.lens.model import (DEFAULT_PARAM_BOUNDS, EqualizedLinear, LensCorrectionModel, ModelConfig, ParamHead,
+                                bound_params)
 from tests.tolerances import assert_close
 
 SMALL = ModelConfig(widths=(8, 16, 16, 32), head_hidden=16, residual_hidden=8)
@@ -34,6 +37,7 @@ class TestConstruction:
         ({"param_bounds": DEFAULT_PARAM_BOUNDS[:7]}, "needs 8"),
         ({"param_bounds": DEFAULT_PARAM_BOUNDS[:7] + ((1.0, 1.2),)}, "identity value 1.0"),
         ({"residual_max_px": 0.0}, "positive"),
+        ({"head_pool": 0}, "head_pool must be >= 1"),
     ])
     def test_bad_config_raises(self, change, match):
         with pytest.raises(ValueError, match=match):
@@ -109,3 +113,65 @@ class TestGradients:
         assert float(upstream.grad.norm()) > 0  # gradient reaches past the zero-initialized layer
         moved = sum(float((p.detach() - b).norm()) for p, b in zip(model.residual_head.parameters(), before))
         assert moved > 0
+
+
+class TestParamHeadSeesWhere:
+    """The head keeps a grid of cells: features in other places give another lens (a global average
+    pool cannot tell them apart, which made every image get nearly the same lens)."""
+
+    @staticmethod
+    def head(pool: int) -> ParamHead:
+        torch.manual_seed(0)
+        head = ParamHead(16, 8, DEFAULT_PARAM_BOUNDS, pool)
+        torch.nn.init.normal_(head.fc2.weight, std=0.5)  # a trained head (the zero init hides everything)
+        return head
+
+    def test_mirrored_features_give_another_lens(self):
+        features = torch.rand(1, 16, 8, 8)
+        mirrored = features.flip(-1)
+        spatial = self.head(pool=4)
+        with torch.no_grad():
+            assert float((spatial(features)[0] - spatial(mirrored)[0]).abs().max()) > 1e-3
+        global_average = self.head(pool=1)
+        torch.testing.assert_close(global_average(features)[0], global_average(mirrored)[0])
+
+    @pytest.mark.parametrize("hw", [(64, 64), (128, 96), (256, 256)])
+    def test_any_input_size_gives_the_same_head(self, hw):
+        model = LensCorrectionModel(SMALL)
+        assert model(torch.rand(1, 3, *hw))["params"].shape == (1, 8)
+
+    def test_no_coordinate_channels_by_default(self):
+        assert LensCorrectionModel().backbone.stages[0][0].conv1.in_channels == 3
+
+
+def test_default_bounds_hold_every_fixture_lens():
+    """The model can represent each ground-truth lens of the fixtures inside its bounds (strictly,
+    so tanh does not have to saturate)."""
+    frame = pd.read_csv(default_fixture_root().parent / "ground_truth.csv")
+    for name, (lo, hi) in zip(PARAM_NAMES, DEFAULT_PARAM_BOUNDS):
+        assert lo < frame[name].min() and frame[name].max() < hi, name
+
+
+class TestEqualizedLinear:
+    def test_one_adam_step_moves_the_output_by_order_lr(self):
+        """Adam moves every weight by ~lr: an nn.Linear with 4096 inputs moves its output by ~lr * 4096
+        on one step, the equalized layer by ~lr * sqrt(4096)."""
+        torch.manual_seed(0)
+        x = torch.randn(4, 4096)
+        moves = {}
+        for name, layer in (("plain", torch.nn.Linear(4096, 1)), ("equalized", EqualizedLinear(4096, 1))):
+            before = layer(x).detach()
+            optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+            layer(x).sum().backward()
+            optimizer.step()
+            moves[name] = float((layer(x).detach() - before).abs().mean())
+        assert moves["plain"] > 1.0
+        assert moves["equalized"] < 0.1
+
+    def test_initial_weights_match_nn_linear_scale(self):
+        torch.manual_seed(0)
+        layer = EqualizedLinear(1024, 256)
+        effective = layer.weight.detach() * layer.scale
+        bound = 1024 ** -0.5
+        assert float(effective.abs().max()) <= bound
+        assert float(effective.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)  # U(-b, b)

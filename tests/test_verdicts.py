@@ -9,7 +9,8 @@ set of signals that go bad, so that a fault neither goes unnoticed nor raises fa
 Reference values of the healthy run (4 epochs x 5 steps): loss ``1 - 0.5 * step / 20``; clipped on
 steps 10 and 20 (10 %); data 2 ms of a 40 ms step (5 %); val proxy ``0.45 + 0.01 * epoch`` against
 identity 0.40 and ground truth 0.60, so the last epoch (0.48) closes (0.48 - 0.40) / (0.60 - 0.40)
-= 40 % of the gap.
+= 40 % of the gap; the model's own mean lens on every image scores 0.42 (with instrumentation on),
+and the predictions correlate 0.9 (k1) and 0.8 (s) with ground truth.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ RESIDUAL_OFF_NA = RESIDUAL_SIGNALS | RESIDUAL_EFFECT_SIGNALS
 #: Signals that read only what debug_instrumentation adds.
 INSTRUMENTED_ONLY = {"probe_checksums_change", "probe_tracks_updates", "param_head_not_saturated",
                      "param_head_learning", "backbone_learning", "optimizer_covers_params", "eval_deterministic",
-                     "batches_in_range", "batches_vary"}
+                     "batches_in_range", "batches_vary", "beats_constant_lens"}
 GROUPS = ("backbone", "param_head", "residual_head")
 IDENTITY_PROXY, GT_PROXY = 0.40, 0.60
+CONSTANT_LENS_PROXY = 0.42
 
 
 # ---------------------------------------------------------------------------- the builder
@@ -86,6 +88,9 @@ def healthy_records(stage: str = "stage2_hybrid", *, epochs: int = 4, steps_per_
         if ground_truth:
             val["gt_proxy_total"] = GT_PROXY
         if instrumentation:
+            val["constant_lens_proxy_total"] = CONSTANT_LENS_PROXY
+            if ground_truth:
+                val.update({"pred_gt_corr_k1": 0.9, "pred_gt_corr_s": 0.8})
             val.update({"probe_pred_checksum": f"pred{epoch:012d}", "probe_final_grid_checksum": f"grid{epoch:012d}",
                         "probe_params_checksum": f"parm{epoch:012d}", "probe_proxy_total_score": 0.50 + 0.01 * epoch,
                         "probe_pixel": 0.20 - 0.01 * epoch, "probe_repeat_max_abs_diff": 0.0,
@@ -216,6 +221,13 @@ def identity_wins(records):
                  val_proxy_no_residual_total=lambda v: v["val_proxy_total"] - 0.005)
 
 
+def one_lens_for_all(records):
+    """The model ignores its input: its own mean lens on every image scores what it scores, and
+    its predictions do not follow the ground truth; it still beats identity."""
+    return _edit(records, "val_epoch", constant_lens_proxy_total=lambda r: r["val_proxy_total"] - 0.001,
+                 pred_gt_corr_k1=0.02, pred_gt_corr_s=None)
+
+
 def init_not_identity(records):
     """The untrained model already warps: prediction and proxy differ from identity's."""
     return _edit(records, "init", init_pred_max_abs_diff=0.01, init_proxy_total=0.38)
@@ -310,7 +322,9 @@ EXPECTED_BAD: dict[Callable, dict[str, set[str]]] = {
     data_bound: dict.fromkeys(STAGES, {"not_data_bound"}),
     non_finite_error: dict.fromkeys(STAGES, {"finite"}),
     non_finite_grad: dict.fromkeys(STAGES, {"finite"}),
-    identity_wins: dict.fromkeys(STAGES, {"beats_identity"}),
+    # losing to identity (0.39) also loses to the model's mean lens (0.42), which beats identity
+    identity_wins: dict.fromkeys(STAGES, {"beats_identity", "beats_constant_lens"}),
+    one_lens_for_all: dict.fromkeys(STAGES, {"beats_constant_lens"}),
     init_not_identity: dict.fromkeys(STAGES, {"init_is_identity"}),
     loss_flat: dict.fromkeys(STAGES, {"loss_decreases"}),
     always_clipped: dict.fromkeys(STAGES, {"clipping_sane"}),
@@ -344,6 +358,9 @@ RED: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "residual_not_inactive": (residual_frozen, "stage2_hybrid", ("3 residual inactivity warnings",)),
     "beats_identity": (identity_wins, "stage2_hybrid",
                        ("identity wins or ties", "model 0.3900 vs identity 0.4000", "needs +0.002")),
+    "beats_constant_lens": (one_lens_for_all, "stage1_param_only",
+                            ("model 0.4800 vs its own mean lens on every image 0.4790 (+0.0010)",
+                             "k1 correlates +0.02 with ground truth", "needs +0.01", "one lens for all images")),
     "not_data_bound": (data_bound, "stage1_param_only", ("data loading takes 75% of each step", "200.0 samples/s")),
     "init_is_identity": (init_not_identity, "stage2_hybrid",
                          ("not the identity warp", "prediction differs by 1.00e-02", "proxy differs by 2.00e-02")),
@@ -548,6 +565,8 @@ NOT_APPLICABLE = [
     ("residual_not_inactive", "stage1_param_only", (with_warnings(5),), {}, "residual branch is off"),
     ("residual_not_inactive", "stage2_hybrid", (), {"instrumentation": False}, "instrumentation off"),
     ("beats_identity", "stage2_hybrid", (_no_val,), {}, "no validation epoch with an identity baseline"),
+    ("beats_constant_lens", "stage1_param_only", (), {"instrumentation": False},
+     "no constant-lens score recorded"),
     ("not_data_bound", "stage2_hybrid", (data_bound,), {"perf": False}, "debug_perf_enabled off"),
     ("init_is_identity", "stage2_hybrid", (_from_checkpoint,), {}, "initialized from a checkpoint"),
     ("init_is_identity", "stage3_finetune", (_resumed,), {}, "no init check recorded"),
@@ -595,7 +614,7 @@ class TestNotApplicable:
         assert verdict.ok is None
         assert "not required in this mode (model - identity = -0.0100" in verdict.detail
         assert verdict.evidence["delta"] == pytest.approx(-0.01)
-        assert bad(history("stage2_hybrid", identity_wins), cfg) == set()
+        assert bad(history("stage2_hybrid", identity_wins), cfg) == {"beats_constant_lens"}  # still judged
 
     def test_finite_error_counts_without_steps(self):
         # A run that died on its first step: no train_step, but the error record is judged.
@@ -666,6 +685,59 @@ class TestBeatsIdentity:
         late_loss = history("stage2_hybrid", _last_val_proxy(-0.01))
         assert judged("beats_identity", early_loss).ok is True
         assert judged("beats_identity", late_loss).ok is False
+
+
+# ---------------------------------------------------------------------------- beats_constant_lens
+
+def _last_constant_lens(delta: float):
+    """The last epoch's model (0.48) beats its own mean lens by ``delta``."""
+    return lambda records: _edit(records, "val_epoch", lambda v: v["epoch"] == 3,
+                                 constant_lens_proxy_total=0.48 - delta)
+
+
+class TestBeatsConstantLens:
+    def test_good_detail_and_evidence(self):
+        verdict = judged("beats_constant_lens", history("stage1_param_only"))
+        assert verdict.ok is True
+        assert verdict.detail == ("model 0.4800 vs its own mean lens on every image 0.4200 (+0.0600); "
+                                  "k1 correlates +0.90 with ground truth")
+        assert verdict.evidence == {"model_proxy_total": 0.48, "constant_lens_proxy_total": 0.42,
+                                    "delta": pytest.approx(0.06), "margin": 0.01, "identity_proxy_total": 0.40,
+                                    "param_corr_k1": 0.9, "param_corr_s": 0.8}
+
+    def test_without_ground_truth_no_correlation(self):
+        verdict = judged("beats_constant_lens", history("stage1_param_only", ground_truth=False))
+        assert verdict.ok is True
+        assert not any(key.startswith("param_corr_") for key in verdict.evidence)
+        assert "correlates" not in verdict.detail
+
+    def test_undefined_correlation_is_none(self):
+        # a model predicting the same value for every image has no correlation (written as null)
+        verdict = judged("beats_constant_lens", history("stage1_param_only", one_lens_for_all))
+        assert verdict.evidence["param_corr_s"] is None and verdict.evidence["param_corr_k1"] == 0.02
+
+    @pytest.mark.parametrize("delta,ok", [(0.0101, True), (0.0099, False), (0.0, False), (-0.02, False)])
+    def test_margin(self, delta, ok):
+        verdict = judged("beats_constant_lens", history("stage1_param_only", _last_constant_lens(delta)))
+        assert verdict.ok is ok
+        assert verdict.evidence["delta"] == pytest.approx(delta)
+
+    def test_custom_margin(self):
+        assert judged("beats_constant_lens", history(), JudgeConfig(beats_constant_lens_margin=0.07)).ok is False
+        assert judged("beats_constant_lens", history(), JudgeConfig(beats_constant_lens_margin=0.05)).ok is True
+
+    def test_only_the_last_epoch_counts(self):
+        early = history("stage1_param_only", lambda r: _edit(r, "val_epoch", lambda v: v["epoch"] < 3,
+                                                             constant_lens_proxy_total=0.60))
+        assert judged("beats_constant_lens", early).ok is True
+        assert judged("beats_constant_lens", history("stage1_param_only", _last_constant_lens(-0.01))).ok is False
+
+    def test_not_required_is_reported_not_judged(self):
+        cfg = JudgeConfig(require_beats_constant_lens=False)
+        verdict = judged("beats_constant_lens", history("stage2_hybrid", one_lens_for_all), cfg)
+        assert verdict.ok is None
+        assert verdict.detail.startswith("not required in this mode (model 0.4800 vs its own mean lens")
+        assert bad(history("stage2_hybrid", one_lens_for_all), cfg) == set()
 
 
 # ---------------------------------------------------------------------------- thresholds

@@ -323,7 +323,9 @@ def _figures(history: pd.DataFrame, wall_time_s: float) -> dict[str, Any]:
     val = history[history["kind"] == "val_epoch"]
     if not val.empty:
         last = val.iloc[-1]
-        for key in ("val_proxy_total", "identity_proxy_total", "gt_proxy_total"):
+        for key in ("val_proxy_total", "identity_proxy_total", "gt_proxy_total", "constant_lens_proxy_total"):
             if key in last and pd.notna(last[key]):
                 figures[f"final_{key}"] = float(last[key])
+        for key in (k for k in last.index if k.startswith("pred_gt_corr_")):  # fixtures: predictions vs truth
+            figures["param_corr_" + key[len("pred_gt_corr_"):]] = float(last[key]) if pd.notna(last[key]) else None
     return figures

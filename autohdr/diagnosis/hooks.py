@@ -12,12 +12,12 @@ hand-written loop calls them at the same points and gets the same ``metrics.json
         for batch in train_loader:
             hooks.on_train_batch_start(batch)         # data time ends here; value range, repeats
             correction = correct(model, batch["input_image"], residual_active=True)
-            loss, parts = composite_loss(correction.prediction, batch["target_image"], ...)
+            loss, parts = composite_loss(correction.loss_prediction, batch["target_image"], ...)
             optimizer.zero_grad(); loss.backward()
             hooks.on_after_backward()                 # gradient norms per group, before clipping
             optimizer.step()
             hooks.on_train_batch_end(loss, correction, components=parts, batch_size=len(batch["input_image"]))
-        hooks.on_validation(val_loader)               # val proxy, baselines, the fixed probe
+        hooks.on_validation(val_loader, final=epoch == epochs - 1)  # val proxy, baselines, probe
         hooks.on_train_epoch_end()
     hooks.on_train_end()
 
@@ -92,7 +92,7 @@ def default_loss_fn(spec: StageSpec, weights: LossWeights | None = None) -> Loss
     weights = weights or LossWeights()
 
     def loss_fn(correction: Correction, target: torch.Tensor):
-        return composite_loss(correction.prediction.float(), target.float(), weights=weights,
+        return composite_loss(correction.loss_prediction.float(), target.float(), weights=weights,
                               residual_flow_lowres=correction.residual_flow_lowres,
                               final_grid=correction.warp.final_grid if spec.jacobian_term else None,
                               residual_terms=spec.residual_terms, jacobian_term=spec.jacobian_term)
@@ -442,7 +442,7 @@ class Instrumentation:
             identity = identity_warp.prediction
             model_loss, _ = self.loss_fn(correction, target)
             # The same loss on the identity warp (no residual flow: its terms are exact zeros).
-            identity_loss, _ = self.loss_fn(Correction(_identity_params(image), None, identity_warp), target)
+            identity_loss, _ = self.loss_fn(Correction(_identity_params(image), None, identity_warp, image), target)
             return {
                 "init_image_height": int(image.shape[-2]), "init_image_width": int(image.shape[-1]),
                 "init_pred_max_abs_diff": float((correction.prediction - identity).abs().max()),
@@ -454,11 +454,15 @@ class Instrumentation:
                     IDENTITY_PARAMS)).abs().max()),
             }
 
-    def on_validation(self, val_batches: Iterable[Mapping]) -> dict:
+    def on_validation(self, val_batches: Iterable[Mapping], *, final: bool = False) -> dict:
         """Score the model (and, once, identity and ground truth) on the validation batches and the
         fixed probe, and track the best score. Writes and returns the ``val_epoch`` record
-        (``is_best``: this epoch's score is the best so far)."""
-        record = self.evaluate(val_batches)
+        (``is_best``: this epoch's score is the best so far).
+
+        ``final=True`` on the run's last validation also scores the *constant lens* (the model's
+        mean predicted parameters applied to every image) for ``beats_constant_lens``: a second
+        pass over ``val_batches``, which must then be iterable twice (a ``DataLoader`` is)."""
+        record = self.evaluate(val_batches, final=final)
         improved = record["val_proxy_total"] > self.best_score
         if improved:
             self.best_score, self.best_epoch = record["val_proxy_total"], self.epoch
@@ -467,8 +471,9 @@ class Instrumentation:
         return record
 
     @torch.no_grad()
-    def evaluate(self, val_batches: Iterable[Mapping]) -> dict:
-        """The ``val_epoch`` figures of the model as it is now, without writing or best tracking."""
+    def evaluate(self, val_batches: Iterable[Mapping], *, final: bool = False) -> dict:
+        """The ``val_epoch`` figures of the model as it is now, without writing or best tracking
+        (``final``: see :meth:`on_validation`)."""
         record: dict = {"kind": "val_epoch", "epoch": self.epoch, "step": self.global_step}
         if self.config.instrument:
             self.probe_batch(val_batches)  # fixed at the first call: the first samples of the first pass
@@ -484,12 +489,16 @@ class Instrumentation:
         checked = _FiniteOutputs(self.core, used, self._fail_non_finite_outputs).train(self.core.training)
         scores = score_subset(checked, val_batches, residual_active=self.spec.residual_active,
                               device=self.device, ground_truth=self.ground_truth, loss_fn=val_loss,
-                              with_baselines=need_baselines)
+                              with_baselines=need_baselines, constant_lens=final and self.config.instrument)
         if need_baselines:
             self._baselines = {f"identity_proxy_{k}": v for k, v in scores.identity.items()}
             if scores.ground_truth is not None:
                 self._baselines.update({f"gt_proxy_{k}": v for k, v in scores.ground_truth.items()})
         record.update({f"val_proxy_{k}": v for k, v in scores.model.items()})
+        # beats_constant_lens: the model's own mean lens on every image; where ground truth is known,
+        # the per-parameter correlation of the predictions with it
+        record.update({f"constant_lens_proxy_{k}": v for k, v in (scores.constant_lens or {}).items()})
+        record.update({f"pred_gt_corr_{k}": v for k, v in (scores.param_correlations or {}).items()})
         record.update(self._baselines)
         if self.spec.residual_active and self.config.instrument:
             # The same model with its residual zeroed (the parametric warp alone): does the residual help?

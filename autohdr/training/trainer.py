@@ -26,10 +26,9 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, NonFiniteLossError
+from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, NonFiniteLossError, default_loss_fn
 from autohdr.diagnosis.instrumentation import GROUP_NAMES, GroupMembers, parameter_groups, unwrap_model
 from autohdr.lens.evaluation import Correction, correct
-from autohdr.lens.losses import composite_loss
 from autohdr.training.config import TrainConfig, to_dict
 from autohdr.training.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers
 from autohdr.training import checkpoint as ckpt
@@ -112,6 +111,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters for stage " + config.stage)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr * self.spec.lr_scale,
                                            weight_decay=config.weight_decay)
+        self._loss_fn = default_loss_fn(self.spec, config.loss_weights)
         self.hooks = Instrumentation(self.model, self.optimizer, self.out_dir, stage=config.stage, groups=groups,
                                      config=InstrumentationConfig.from_train_config(config), loss_fn=self._loss,
                                      ground_truth=ground_truth, device=self.device, dist=dist_ctx, log=log,
@@ -178,11 +178,7 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
 
     def _loss(self, correction: Correction, target: torch.Tensor):
-        return composite_loss(
-            correction.prediction.float(), target.float(), weights=self.config.loss_weights,
-            residual_flow_lowres=correction.residual_flow_lowres,
-            final_grid=correction.warp.final_grid if self.spec.jacobian_term else None,
-            residual_terms=self.spec.residual_terms, jacobian_term=self.spec.jacobian_term)
+        return self._loss_fn(correction, target)
 
     def probe_batch(self) -> dict:
         """The fixed probe: the first ``debug_probe_max_samples`` validation samples."""
@@ -275,7 +271,7 @@ class Trainer:
         self.hooks.on_train_epoch_start(epoch)
         self._train_epoch()
         self._sync_buffers()
-        record = self.hooks.on_validation(self.val_loader)
+        record = self.hooks.on_validation(self.val_loader, final=epoch == self.config.epochs - 1)
         if self.schedule_total_steps is None:
             self._learn_schedule_length(self._steps_done_in_epoch)
         self._epoch_complete, self._steps_done_in_epoch = True, 0
