@@ -722,3 +722,30 @@ def test_public_train_step_is_the_step_fit_runs(tmp_path):
         for key in set(fit_record) - set(CLOCK_FIELDS):
             assert step_record[key] == fit_record[key], key
     assert fitted.trainer.parameter_checksum() == trainer.parameter_checksum()
+
+
+# ------------------------------------------------------------------ validation cadence
+
+@pytest.mark.parametrize(("epochs", "every", "interval"), [(88, 8, 8), (8, 8, 2), (3, 8, 1), (10, 1, 1), (40, 3, 3)])
+def test_validation_interval_is_capped_so_a_run_validates_at_least_four_times(epochs, every, interval):
+    cfg = config("stage1_param_only", epochs=epochs, validate_every=every)
+    assert cfg.validation_interval == interval
+    assert len([e for e in range(epochs) if (e + 1) % interval == 0 or e == epochs - 1]) >= min(4, epochs)
+
+
+def test_validate_every_validates_on_those_epochs_and_the_last(runs_dir):
+    """8 epochs validated every 2: epochs 2, 4, 6, 8 (1-based); best.pt comes from one of them;
+    every epoch still trains and saves last.pt, and training is the same as validating every epoch."""
+    sparse = train(runs_dir / "every-2", config("stage1_param_only", epochs=8, validate_every=2))
+    dense = train(runs_dir / "every-1", config("stage1_param_only", epochs=8, validate_every=1))
+    val = sparse.kind("val_epoch")
+    assert val["epoch"].tolist() == [1, 3, 5, 7]
+    assert sparse.kind("train_step")["step"].tolist() == dense.kind("train_step")["step"].tolist()
+    assert_same_state(sparse.trainer.core.state_dict(), dense.trainer.core.state_dict())
+    assert load_weights_only(sparse.out_dir / "best.pt")["epoch"] in {1, 3, 5, 7}
+    assert load_weights_only(sparse.out_dir / "last.pt")["epoch"] == 7
+
+
+def test_validate_every_must_be_positive():
+    with pytest.raises(ValueError, match="validate_every must be >= 1, got 0"):
+        config("stage1_param_only", validate_every=0)

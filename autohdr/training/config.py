@@ -48,6 +48,8 @@ class TrainConfig:
     stage: str = "stage1_param_only"        # one of STAGES
     epochs: int = 4                          # passes over the training loader
     max_steps_per_epoch: int | None = None   # cap on optimizer steps per epoch (None: whole loader)
+    validate_every: int = 1                  # validate (and keep best.pt) every N epochs and after the last;
+                                             # capped at epochs // 4, so a short run still validates 4 times
     lr: float = 2e-3                         # peak AdamW learning rate (times the stage's lr_scale)
     weight_decay: float = 1e-4               # AdamW decoupled weight decay
     warmup_steps: int = 0                    # linear warm-up before the cosine decay
@@ -71,7 +73,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         stage_spec(self.stage)
-        for name in ("epochs", "debug_probe_max_samples", "debug_residual_inactive_patience", "log_interval"):
+        for name in ("epochs", "validate_every", "debug_probe_max_samples", "debug_residual_inactive_patience", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
@@ -83,6 +85,11 @@ class TrainConfig:
     @property
     def spec(self) -> StageSpec:
         return stage_spec(self.stage)
+
+    @property
+    def validation_interval(self) -> int:
+        """Epochs between validations: ``validate_every``, at most ``epochs // 4`` (at least 1)."""
+        return max(1, min(self.validate_every, self.epochs // 4))
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -107,11 +114,12 @@ def _coerce(text: str, current: Any, key: str) -> Any:
         if isinstance(current, float):
             return float(text)
         if isinstance(current, tuple):
-            parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+            parts = [p for p in text.strip().strip("[]()").replace("x", ",").split(",") if p.strip()]
             kind = type(current[0]) if current else float
             return tuple(kind(p) for p in parts)
     except ValueError:
-        raise ValueError(f"{key}: expected {type(current).__name__}, got {text!r}") from None
+        example = " (e.g. " + ",".join(str(v) for v in current) + ")" if isinstance(current, tuple) else ""
+        raise ValueError(f"{key}: expected {type(current).__name__}{example}, got {text!r}") from None
     if current is None:  # optional field currently unset: accept ints, floats, or text
         for kind in (int, float):
             try:

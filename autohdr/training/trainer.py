@@ -270,17 +270,24 @@ class Trainer:
         self._epoch_complete = False
         self.hooks.on_train_epoch_start(epoch)
         self._train_epoch()
-        self._sync_buffers()
-        record = self.hooks.on_validation(self.val_loader, final=epoch == self.config.epochs - 1)
+        final = epoch == self.config.epochs - 1
+        record = None
+        if final or (epoch + 1) % self.config.validation_interval == 0:
+            self._sync_buffers()
+            record = self.hooks.on_validation(self.val_loader, final=final)
         if self.schedule_total_steps is None:
             self._learn_schedule_length(self._steps_done_in_epoch)
         self._epoch_complete, self._steps_done_in_epoch = True, 0
         self.save("last.pt")
-        if record["is_best"]:
-            self.save("best.pt")
-        self.info(f"epoch {epoch + 1}/{self.config.epochs}: val proxy {record['val_proxy_total']:.5f} "
-                  f"(identity {record.get('identity_proxy_total', float('nan')):.5f}) "
-                  f"val loss {record['val_loss']:.5f}" + ("  [best]" if record["is_best"] else ""))
+        if record is None:
+            self.info(f"epoch {epoch + 1}/{self.config.epochs}: trained (validation every "
+                      f"{self.config.validation_interval} epochs)")
+        else:
+            if record["is_best"]:
+                self.save("best.pt")
+            self.info(f"epoch {epoch + 1}/{self.config.epochs}: val proxy {record['val_proxy_total']:.5f} "
+                      f"(identity {record.get('identity_proxy_total', float('nan')):.5f}) "
+                      f"val loss {record['val_loss']:.5f}" + ("  [best]" if record["is_best"] else ""))
         self.hooks.on_train_epoch_end()
 
     def _learn_schedule_length(self, steps_in_first_epoch: int) -> None:
