@@ -38,9 +38,10 @@ from tests.plugins.data_fixtures import hash_tree
 
 #: 4 pairs in batches of 2 for 4 epochs: 8 optimizer steps, enough for every overfit signal.
 # 8 steps on 4 pairs: a smoke run of the CLI, not an overfit, so learning each image's lens
-# (beats_constant_lens) is reported, not judged.
+# (beats_constant_lens) is reported, not judged. At 128x128: batches of 2 at the preset's 96x96 have
+# gradients above the clip norm on about half the steps, which clipping_sane rightly calls out.
 QUICK = ["--device", "cpu", "--epochs", "4", "--set", "data.num_pairs=4", "--set", "data.batch_size=2",
-         "--set", "judge.require_beats_constant_lens=false"]
+         "--set", "data.resize_hw=128x128", "--set", "judge.require_beats_constant_lens=false"]
 RUN_FILES = ("metrics.jsonl", "report.json", "report.html", "curves.png", "triplets.png", "best.pt", "last.pt",
              "train_split.csv", "val_split.csv")
 REPORT_KEYS = {"mode", "stage", "verdicts", "figures", "all_good"}

@@ -83,7 +83,9 @@ def test_overfit_beats_identity_on_the_exact_same_subset(debug_run):
     verdict = run.verdict("beats_identity")
     assert verdict.evidence["sample_count"] == len(val) == run.report["config"]["data"]["num_pairs"]
     assert verdict.evidence["delta"] > run.report["config"]["judge"]["beats_identity_margin"]
-    assert 0 < verdict.evidence["gap_closed_frac"] <= 1.0
+    # the bar: at least 80 % of the identity -> ground-truth gap. Above 100 % is possible:
+    # the ground-truth warp is parametric only, and some fixture pairs also carry a residual field.
+    assert verdict.evidence["gap_closed_frac"] >= 0.8
 
 
 @pytest.mark.overfit_stage1
@@ -96,7 +98,8 @@ def test_overfit_learns_each_images_lens(debug_run, spec):
     assert verdict.evidence["delta"] > verdict.evidence["margin"] == run.report["config"]["judge"][
         "beats_constant_lens_margin"]
     assert verdict.evidence["identity_proxy_total"] < verdict.evidence["constant_lens_proxy_total"]
-    assert verdict.evidence["param_corr_k1"] > 0.3 and verdict.evidence["param_corr_s"] > 0.3
+    # measured 0.63-0.76 (k1) and 0.91-0.94 (s) over seeds 0-2; a mean-lens model gives about 0
+    assert verdict.evidence["param_corr_k1"] > 0.5 and verdict.evidence["param_corr_s"] > 0.8
     figures = run.report["figures"]
     assert figures["param_corr_k1"] == verdict.evidence["param_corr_k1"]
     assert figures["final_constant_lens_proxy_total"] == verdict.evidence["constant_lens_proxy_total"]
@@ -234,10 +237,14 @@ FAULTS = [
            loader_fault="SwappedPairs", epochs=2),
     # Models that ignore their input: they train and beat identity with one lens for every image,
     # and only beats_constant_lens sees it.
-    *(_fault(name, "overfit_stage1", ("beats_constant_lens",), _IGNORES_INPUT_GREEN, model=model, epochs=10)
-      for name, model in (("features-averaged-over-batch", "BatchAveragedFeatures"),
-                          ("param-head-fed-constant-features", "ConstantFeaturesParamHead"),
-                          ("frozen-backbone-bias-only-head", "FrozenBackboneBiasHead"))),
+    _fault("features-averaged-over-batch", "overfit_stage1", ("beats_constant_lens",), _IGNORES_INPUT_GREEN,
+           model="BatchAveragedFeatures", epochs=10),
+    _fault("param-head-fed-constant-features", "overfit_stage1", ("beats_constant_lens",), _IGNORES_INPUT_GREEN,
+           model="ConstantFeaturesParamHead", epochs=10),
+    # its eight raw values carry a gain of 20 (to learn their one lens within 10 epochs), so their
+    # gradients exceed the clip norm on most steps: clipping_sane is right to say so
+    _fault("frozen-backbone-bias-only-head", "overfit_stage1", ("beats_constant_lens",),
+           tuple(s for s in _IGNORES_INPUT_GREEN if s != "clipping_sane"), model="FrozenBackboneBiasHead", epochs=10),
 ]
 
 

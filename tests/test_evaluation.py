@@ -74,6 +74,19 @@ class TestLossPrediction:
         assert params.grad is not None and float(params.grad.abs().sum()) > 0
 
 
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+    def test_a_non_finite_parameter_makes_the_loss_prediction_non_finite_and_backward_survives(self, bad):
+        """grid_sample's border mode crashes in backward on NaN coordinates: a diverging model must
+        get a non-finite loss (the trainer stops with a clear error), never a segfault."""
+        params = torch.tensor(IDENTITY_PARAMS).repeat(2, 1)
+        params[1, 0] = bad
+        params.requires_grad_(True)
+        correction = correct(FixedParams(lambda x: params * 1.0), textured(2), residual_active=False)
+        assert torch.isnan(correction.loss_prediction).all()
+        correction.loss_prediction.mean().backward()
+        assert params.grad is not None
+
+
 class TestPearson:
     def test_perfect_anti_and_undefined(self):
         truth = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 1.0], [3.0, 3.0, 2.0]])

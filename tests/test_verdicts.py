@@ -282,8 +282,9 @@ def residual_off_at_eval(records):
 
 
 def residual_wrong_units(records):
-    """The residual moves (0.05 px) but is 0.5 % of the parametric displacement: wrong units."""
-    return _edit(records, "train_step", residual_to_param_disp_ratio_mean=lambda r: 0.005 if r[
+    """The residual moves but is 0.08 % of the parametric displacement (a residual x 0.01, measured):
+    wrong units."""
+    return _edit(records, "train_step", residual_to_param_disp_ratio_mean=lambda r: 0.0008 if r[
         "residual_branch_active"] else 0.0)
 
 

@@ -59,7 +59,14 @@ class Correction:
         """``(B, 3, H, W)`` from the same grid, out-of-frame samples taken from the nearest border
         pixel: what the training loss compares (see the module docstring)."""
         grid = self.warp.final_grid.to(self.image.dtype)
-        return F.grid_sample(self.image, grid, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
+        # grid_sample's border mode crashes (segfault in backward) on NaN coordinates, which a
+        # diverging model produces: sample at finite stand-ins, and make the whole prediction NaN
+        # when any coordinate is not finite, so the loss is non-finite and the run stops with a
+        # clear error (no host sync here).
+        is_finite = torch.isfinite(grid)
+        sampled = F.grid_sample(self.image, torch.where(is_finite, grid, torch.zeros_like(grid)), mode="bilinear",
+                                padding_mode="border", align_corners=ALIGN_CORNERS)
+        return sampled + torch.where(is_finite.all(), 0.0, float("nan")).to(sampled.dtype)
 
 
 def model_outputs(model: nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
