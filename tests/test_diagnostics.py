@@ -25,7 +25,7 @@ MODE_MARKS = {mode: getattr(pytest.mark, mode) for mode in ("overfit_stage1", "s
 # with the low-resolution grid).
 HEALTHY = [
     RunSpec("healthy-overfit-seed0", "overfit_stage1", seed=0),
-    RunSpec("healthy-overfit-seed1", "overfit_stage1", seed=1),
+    RunSpec("healthy-overfit-seed1-half", "overfit_stage1", seed=1, epochs=44),  # half the schedule: verdicts hold
     RunSpec("healthy-stage2-128px", "stage2_probe"),
     RunSpec("healthy-stage2-96px", "stage2_probe", overrides=(("data.resize_hw", [96, 96]),)),
     RunSpec("healthy-stage3-128px", "stage3_probe"),
@@ -67,6 +67,7 @@ def test_healthy_run_is_all_good(debug_run, spec):
     assert report["all_good"] and not bad and report["error"] is None, bad
 
 
+@pytest.mark.xdist_group("healthy-overfit-seed0")  # the worker that trains the shared run
 @pytest.mark.overfit_stage1
 @pytest.mark.parametrize("signal", RESIDUAL_SIGNALS + RESIDUAL_EFFECT_SIGNALS)
 def test_stage1_reports_residual_branch_off_not_failing(debug_run, signal):
@@ -74,6 +75,7 @@ def test_stage1_reports_residual_branch_off_not_failing(debug_run, signal):
     assert verdict.ok is None and "off" in verdict.detail
 
 
+@pytest.mark.xdist_group("healthy-overfit-seed0")  # the worker that trains the shared run
 @pytest.mark.overfit_stage1
 def test_overfit_beats_identity_on_the_exact_same_subset(debug_run):
     run = debug_run(HEALTHY[0])
@@ -113,6 +115,7 @@ def test_probes_report_the_constant_lens_without_judging_it(debug_run, spec):
     assert "constant_lens_proxy_total" in verdict.evidence
 
 
+@pytest.mark.xdist_group("healthy-overfit-seed0")  # the worker that trains the shared run
 @pytest.mark.overfit_stage1
 def test_scores_move_at_full_precision(debug_run):
     val = debug_run(HEALTHY[0]).history.query("kind == 'val_epoch'")

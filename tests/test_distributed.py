@@ -25,7 +25,8 @@ from autohdr.lens.model import LensCorrectionModel
 from autohdr.diagnosis.metrics_log import read_metrics
 from tests.plugins.debug_runs import RunSpec
 
-pytestmark = pytest.mark.distributed
+# one worker runs the whole module: its module-scoped torchrun fixtures then train once, not once per worker
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_RANK = RunSpec("healthy-stage2-128px", "stage2_probe")  # shared with test_diagnostics.py
@@ -55,7 +56,7 @@ def two_rank_healthy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_rank_unsynced(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-unsynced")
-    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4",
+    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4", "--set", "train.validate_every=2",
                           "--model-factory", "tests.faults:BatchNormParamHead",
                           "--set", "train.ddp_broadcast_buffers=false")
     return result, _report(result, out), out
@@ -65,7 +66,7 @@ def two_rank_unsynced(tmp_path_factory):
 def two_rank_batchnorm_synced(tmp_path_factory):
     """The same batch-norm model with DDP's default buffer broadcast: the healthy counterpart."""
     out = tmp_path_factory.mktemp("ddp-bn-synced")
-    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4",
+    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4", "--set", "train.validate_every=2",
                           "--model-factory", "tests.faults:BatchNormParamHead")
     return result, _report(result, out), out
 
