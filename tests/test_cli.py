@@ -26,7 +26,6 @@ from typing import Callable
 
 import pytest
 import torch
-from filelock import FileLock
 
 from autohdr.training.checkpoint import load_checkpoint
 from autohdr.cli import EXIT_BAD_SIGNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
@@ -35,6 +34,7 @@ from autohdr.diagnosis.verdicts import SIGNALS
 from tests.cli_factories import SMALL_CONFIG, small_model
 from tests.helpers_data import REPO_ROOT, copy_pairs, write_pair
 from tests.plugins.data_fixtures import hash_tree
+from tests.plugins.debug_runs import once_per_session
 
 #: 4 pairs in batches of 2 for 4 epochs: 8 optimizer steps, enough for every overfit signal.
 # 8 steps on 4 pairs: a smoke run of the CLI, not an overfit, so learning each image's lens
@@ -94,16 +94,7 @@ def _worker_share_of_cores():
 
 def _once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], dict]) -> dict:
     """``make(folder)`` once per session across xdist workers; its JSON-able result is stored in ``folder``."""
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cli-runs"
-    shared.mkdir(parents=True, exist_ok=True)
-    folder = shared / name
-    with FileLock(str(shared / f"{name}.lock")):
-        stored = folder / "result.json"
-        if not stored.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            stored.write_text(json.dumps(make(folder)), encoding="utf-8")
-        return json.loads(stored.read_text(encoding="utf-8"))
+    return once_per_session(tmp_path_factory, "cli-runs", name, make)[0]
 
 
 def read_report(out_dir: Path) -> dict:

@@ -67,7 +67,6 @@ def test_healthy_run_is_all_good(debug_run, spec):
     assert report["all_good"] and not bad and report["error"] is None, bad
 
 
-@pytest.mark.xdist_group("healthy-overfit-seed0")  # the worker that trains the shared run
 @pytest.mark.overfit_stage1
 @pytest.mark.parametrize("signal", RESIDUAL_SIGNALS + RESIDUAL_EFFECT_SIGNALS)
 def test_stage1_reports_residual_branch_off_not_failing(debug_run, signal):
@@ -75,7 +74,6 @@ def test_stage1_reports_residual_branch_off_not_failing(debug_run, signal):
     assert verdict.ok is None and "off" in verdict.detail
 
 
-@pytest.mark.xdist_group("healthy-overfit-seed0")  # the worker that trains the shared run
 @pytest.mark.overfit_stage1
 def test_overfit_beats_identity_on_the_exact_same_subset(debug_run):
     run = debug_run(HEALTHY[0])
@@ -91,7 +89,9 @@ def test_overfit_beats_identity_on_the_exact_same_subset(debug_run):
 
 
 @pytest.mark.overfit_stage1
-@pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in HEALTHY if s.mode == "overfit_stage1"])
+# the full preset only: the bars below are what its schedule reaches (half of it: k1 about 0.37)
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in HEALTHY
+                                  if s.mode == "overfit_stage1" and s.epochs is None])
 def test_overfit_learns_each_images_lens(debug_run, spec):
     """Beyond the verdict's margin: the predictions follow the fixtures' ground truth, and the
     model's own mean lens is scored on the same subset (no ground truth needed for that)."""
@@ -115,7 +115,6 @@ def test_probes_report_the_constant_lens_without_judging_it(debug_run, spec):
     assert "constant_lens_proxy_total" in verdict.evidence
 
 
-@pytest.mark.xdist_group("healthy-overfit-seed0")  # the worker that trains the shared run
 @pytest.mark.overfit_stage1
 def test_scores_move_at_full_precision(debug_run):
     val = debug_run(HEALTHY[0]).history.query("kind == 'val_epoch'")

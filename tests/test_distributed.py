@@ -23,10 +23,9 @@ import torch
 from autohdr.training.checkpoint import load_checkpoint
 from autohdr.lens.model import LensCorrectionModel
 from autohdr.diagnosis.metrics_log import read_metrics
-from tests.plugins.debug_runs import RunSpec
+from tests.plugins.debug_runs import RunSpec, once_per_session
 
-# one worker runs the whole module: its module-scoped torchrun fixtures then train once, not once per worker
-pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_RANK = RunSpec("healthy-stage2-128px", "stage2_probe")  # shared with test_diagnostics.py
@@ -46,29 +45,33 @@ def _report(result: subprocess.CompletedProcess, out_dir: Path) -> dict:
     return json.loads(report_path.read_text())
 
 
+def _torchrun_once(tmp_path_factory, name: str, *args: str):
+    """One torchrun debug run per session, whichever xdist worker asks first: (result, report, folder)."""
+    def make(folder: Path) -> dict:
+        done = run_torchrun(folder / "run", *args)
+        return {"args": done.args, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+    stored, folder = once_per_session(tmp_path_factory, "torchrun-runs", name, make)
+    result = subprocess.CompletedProcess(**stored)
+    return result, _report(result, folder / "run"), folder / "run"
+
+
 @pytest.fixture(scope="module")
 def two_rank_healthy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp-healthy")
-    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4")
-    return result, _report(result, out), out
+    return _torchrun_once(tmp_path_factory, "ddp-healthy", "stage2_probe", "--set", "data.batch_size=4")
 
 
 @pytest.fixture(scope="module")
 def two_rank_unsynced(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp-unsynced")
-    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4", "--set", "train.validate_every=2",
-                          "--model-factory", "tests.faults:BatchNormParamHead",
+    return _torchrun_once(tmp_path_factory, "ddp-unsynced", "stage2_probe", "--set", "data.batch_size=4",
+                          "--set", "train.validate_every=2", "--model-factory", "tests.faults:BatchNormParamHead",
                           "--set", "train.ddp_broadcast_buffers=false")
-    return result, _report(result, out), out
 
 
 @pytest.fixture(scope="module")
 def two_rank_batchnorm_synced(tmp_path_factory):
     """The same batch-norm model with DDP's default buffer broadcast: the healthy counterpart."""
-    out = tmp_path_factory.mktemp("ddp-bn-synced")
-    result = run_torchrun(out, "stage2_probe", "--set", "data.batch_size=4", "--set", "train.validate_every=2",
-                          "--model-factory", "tests.faults:BatchNormParamHead")
-    return result, _report(result, out), out
+    return _torchrun_once(tmp_path_factory, "ddp-bn-synced", "stage2_probe", "--set", "data.batch_size=4",
+                          "--set", "train.validate_every=2", "--model-factory", "tests.faults:BatchNormParamHead")
 
 
 def _oks(report: dict) -> dict[str, bool | None]:

@@ -28,7 +28,6 @@ def hand_verdicts(tmp_path_factory):
     return train_by_hand(tmp_path_factory.mktemp("hand") / "run")
 
 
-@pytest.mark.xdist_group("healthy-stage2-128px")  # the worker that trains the shared run
 @pytest.mark.stage2_probe
 def test_hand_written_loop_gets_the_trainers_verdicts(hand_verdicts, debug_run):
     trainer = {v["signal"]: v["ok"] for v in debug_run(HEALTHY_STAGE2).report["verdicts"]}

@@ -308,7 +308,6 @@ class TestCurves:
         assert "learning rate is exactly 0 on every step" in texts["lr0"]
         assert "learning rate is exactly 0 on every step" not in texts["healthy"]
 
-    @pytest.mark.xdist_group("healthy-stage2-128px")  # the worker that trains the shared run
     def test_panels_title_and_clip_norm_line(self, debug_run):
         run = debug_run(HEALTHY_STAGE2)
         fig = curves_figure(run.history, run_title(run.report))
@@ -334,7 +333,6 @@ class TestCurves:
 
 # ------------------------------------------------------------------------------------ triplets.png
 
-@pytest.mark.xdist_group("healthy-stage2-128px")  # the worker that trains the shared run
 def test_triplets_show_each_samples_proxy_for_model_and_identity(debug_run):
     run = debug_run(HEALTHY_STAGE2)
     model = model_from_checkpoint(load_checkpoint(run.out_dir / "last.pt"))

@@ -99,8 +99,43 @@ def _share_cores_between_workers() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def _specs_of(item: pytest.Item) -> list[RunSpec]:
+    """The shared runs a test item names in its parameters (a RunSpec, or an object with ``.spec``)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    specs = [value if isinstance(value, RunSpec) else getattr(value, "spec", None) for value in params.values()]
+    return [spec for spec in specs if isinstance(spec, RunSpec)]
+
+
+def _cost(spec: RunSpec) -> float:
+    """Relative CPU cost of a run: pixels trained and validated (a validation costs about 2 epochs)."""
+    preset = load_preset(spec.mode, dict(spec.overrides))
+    epochs = spec.epochs or preset.train.epochs
+    interval = max(1, min(preset.train.validate_every, epochs // 4))
+    height, width = preset.data.resize_hw
+    return preset.data.num_pairs * height * width * (epochs + 2 * -(-epochs // interval))
+
+
+def _this_workers_share(items: list[pytest.Item]) -> list[RunSpec]:
+    """Under pytest-xdist: the runs this worker trains up front. Every run the selected tests name is
+    given to the worker with the least work so far, costliest first, so the workers train in
+    parallel instead of one waiting on another's lock for a run both need."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count < 2:
+        return []
+    unique = {spec.name: spec for item in items for spec in _specs_of(item)}
+    load, mine = [0.0] * count, []
+    for spec in sorted(unique.values(), key=lambda s: (-_cost(s), s.name)):
+        target = load.index(min(load))
+        load[target] += _cost(spec)
+        if target == int(worker[2:]):
+            mine.append(spec)
+    return mine
+
+
 @pytest.fixture(scope="session")
-def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[RunSpec], DebugRun]:
+def debug_run(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[RunSpec], DebugRun]:
     base = tmp_path_factory.getbasetemp()
     shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "debug-runs"
     shared.mkdir(parents=True, exist_ok=True)
@@ -127,31 +162,23 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[RunSpec], D
         loaded[spec.name] = DebugRun(spec, report, out_dir, read_metrics(out_dir))
         return loaded[spec.name]
 
+    for spec in _this_workers_share(request.session.items):
+        get(spec)
     return get
 
 
-def _run_names_of(item: pytest.Item, known: set[str]) -> set[str]:
-    """Names of the shared runs a parametrized test item judges: RunSpec parameters, parameters that
-    carry one as ``.spec`` (faults), and string parameters naming a known run."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    names = set()
-    for value in params.values():
-        spec = value if isinstance(value, RunSpec) else getattr(value, "spec", None)
-        if isinstance(spec, RunSpec):
-            names.add(spec.name)
-        elif isinstance(value, str) and value in known:
-            names.add(value)
-    return names
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup``, every test of one shared run goes to the same worker: otherwise two
-    workers ask for the same run at once and one of them waits on its lock, idle, while the other
-    trains it (measured: a fifth of the gate's wall time on 2 cores)."""
-    known: set[str] = set()
-    for item in items:
-        known |= _run_names_of(item, set())
-    for item in items:
-        names = _run_names_of(item, known)
-        if len(names) == 1 and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(name=names.pop()))
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, kind: str, name: str,
+                     make: Callable[[Path], dict]) -> tuple[dict, Path]:
+    """``make(folder)`` once per session across pytest-xdist workers (a module-scoped fixture would
+    run once per worker that happens to get one of its tests). Its JSON-able result is stored in
+    ``folder``; returns ``(result, folder)``."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / kind
+    shared.mkdir(parents=True, exist_ok=True)
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        stored = folder / "result.json"
+        if not stored.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            stored.write_text(json.dumps(make(folder)), encoding="utf-8")
+        return json.loads(stored.read_text(encoding="utf-8")), folder
