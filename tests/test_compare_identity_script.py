@@ -8,6 +8,10 @@ steps its best checkpoint does (0.5778 vs 0.5597).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -46,10 +50,32 @@ SAME_SCORE = {"rel": 1e-12, "abs": 1e-12}
 OTHER_BATCH_SCORE = {"rel": 0, "abs": 1e-4}
 
 
-def run_script(*args) -> subprocess.CompletedProcess:
-    # One OpenMP thread: with pytest-xdist on few cores, oversubscribed torch threads crawl.
+def run_script_process(*args) -> subprocess.CompletedProcess:
+    """The script as a user runs it: a new Python process (one OpenMP thread: with pytest-xdist on
+    few cores, oversubscribed torch threads crawl)."""
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@functools.lru_cache(maxsize=1)
+def _script_module():
+    spec = importlib.util.spec_from_file_location("debug_compare_identity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args) -> subprocess.CompletedProcess:
+    """The script's ``main`` in this process, its exit code and output captured as a process's would
+    be (a new process per call costs 3-4 s of torch import; TestAsAProcess covers that path)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = _script_module().main(argv)
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess([str(SCRIPT), *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -224,6 +250,22 @@ def test_never_writes_under_the_data_folder(overfit_run, fixture_root, tmp_path)
 
 
 # ------------------------------------------------------------------------------------ bad input
+
+class TestAsAProcess:
+    """The script as a user runs it, in a new process: the same summary as in-process, and the same
+    one-line error."""
+
+    def test_same_summary_as_in_process(self, overfit_run, default_result):
+        result = run_script_process("--checkpoint", overfit_run.out_dir / "best.pt",
+                                    "--split-csv", overfit_run.out_dir / "val_split.csv", "--device", "cpu")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == default_result[1]
+
+    def test_one_line_error(self, overfit_run, tmp_path):
+        result = run_script_process("--checkpoint", tmp_path / "absent.pt",
+                                    "--split-csv", overfit_run.out_dir / "val_split.csv")
+        assert_one_line_error(result, str(tmp_path / "absent.pt"), "does not exist")
+
 
 def test_missing_checkpoint(overfit_run, tmp_path):
     result = run_script("--checkpoint", tmp_path / "absent.pt", "--split-csv", overfit_run.out_dir / "val_split.csv")

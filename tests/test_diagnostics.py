@@ -20,12 +20,12 @@ from tests.plugins.debug_runs import RunSpec
 MODE_MARKS = {mode: getattr(pytest.mark, mode) for mode in ("overfit_stage1", "stage2_probe", "stage3_probe")}
 
 # ------------------------------------------------------------------------------------ healthy runs
-# Parametrized where the parameter matters: the overfit at two seeds (it must not pass by luck of
-# one initialization), the residual probes at two resolutions (the residual's pixel scale changes
-# with the low-resolution grid).
+# Parametrized where the parameter matters: the residual probes at two resolutions (the residual's
+# pixel scale changes with the low-resolution grid). The overfit runs its full preset once here (a
+# minute of CPU); seeds 0-2 and the usual user variations of every mode are counted for false
+# alarms by scripts/healthy_sweep.py (README, "False alarms").
 HEALTHY = [
     RunSpec("healthy-overfit-seed0", "overfit_stage1", seed=0),
-    RunSpec("healthy-overfit-seed1-half", "overfit_stage1", seed=1, epochs=44),  # half the schedule: verdicts hold
     RunSpec("healthy-stage2-128px", "stage2_probe"),
     RunSpec("healthy-stage2-96px", "stage2_probe", overrides=(("data.resize_hw", [96, 96]),)),
     RunSpec("healthy-stage3-128px", "stage3_probe"),

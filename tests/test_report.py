@@ -40,7 +40,7 @@ from autohdr.training.checkpoint import load_checkpoint
 from tests.helpers_data import copy_pairs
 from tests.test_diagnostics import FAULTS, HEALTHY
 
-HEALTHY_STAGE2 = HEALTHY[2]
+HEALTHY_STAGE2 = next(spec for spec in HEALTHY if spec.name == "healthy-stage2-128px")
 LR_ZERO = next(f.spec for f in FAULTS if f.spec.name == "fault-lr-zero")
 RESIDUAL_X0 = next(f.spec for f in FAULTS if f.spec.name == "fault-residual-times-zero")
 #: Green of the ALL GOOD banner (report_html's CSS #2e7d32).
