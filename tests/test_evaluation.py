@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autohdr.lens.evaluation import correct, mean_predicted_params, pearson_per_column, score_subset
+from autohdr.lens.evaluation import correct, pearson_per_column, score_subset
+from autohdr.lens.proxy import proxy_score_batch
 from autohdr.lens.geometry import IDENTITY_PARAMS, PARAM_NAMES, apply_correction, brown_conrady_grid
 
 CPU = torch.device("cpu")
@@ -102,10 +103,17 @@ class TestPearson:
 
 
 class TestConstantLens:
-    def test_mean_predicted_params(self):
-        images = textured(6)
-        mean = mean_predicted_params(FixedParams(k1_from_brightness), batches(images), device=CPU)
-        torch.testing.assert_close(mean.float(), k1_from_brightness(images).mean(dim=0))
+    def test_the_model_runs_once_per_batch(self):
+        """The constant lens's pass only warps and scores: it does not run the model again."""
+        calls = []
+
+        def counted(image):
+            calls.append(image.shape[0])
+            return k1_from_brightness(image)
+
+        scores = score_subset(FixedParams(counted), batches(textured(6)), residual_active=False, device=CPU,
+                              constant_lens=True)
+        assert calls == [4, 2] and scores.constant_lens is not None
 
     def test_a_model_with_one_lens_scores_exactly_its_constant_lens(self):
         one_lens = torch.tensor([0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
@@ -122,8 +130,9 @@ class TestConstantLens:
         assert scores.constant_lens["total"] != scores.model["total"]
         # the constant lens is the mean lens applied to every image, nothing else
         mean = torch.tensor(scores.constant_params, dtype=torch.float32).repeat(6, 1)
-        expected = apply_correction(images, mean, None).prediction
-        assert expected.shape == images.shape
+        expected = proxy_score_batch(apply_correction(images, mean, None).prediction, images.flip(-1))
+        assert scores.constant_lens == pytest.approx({k: expected[k] for k in scores.constant_lens}, rel=1e-12,
+                                                     abs=1e-12)
 
     def test_off_by_default(self):
         scores = score_subset(FixedParams(k1_from_brightness), batches(textured(4)), residual_active=False,

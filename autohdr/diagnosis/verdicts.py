@@ -184,7 +184,9 @@ def probe_tracks_updates(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
 
 
 def residual_contributes(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
-    """Good (stages 2 and 3): residual contribution in pixels is non-zero."""
+    """Good (stages 2 and 3): the residual's contribution in pixels is non-zero and at least
+    ``residual_min_ratio`` of the parametric displacement (late medians): a residual in the wrong
+    units moves, but by a negligible fraction of the warp."""
     off = _residual_off(history, "residual_contributes")
     if off:
         return off

@@ -161,26 +161,19 @@ def pearson_per_column(pred: torch.Tensor, truth: torch.Tensor) -> list[float | 
     return out
 
 
-@torch.no_grad()
-def mean_predicted_params(model: nn.Module, batches: Iterable[Mapping], *, device: torch.device,
-                          max_batches: int | None = None) -> torch.Tensor:
-    """The mean of the model's predicted ``params`` over ``batches`` (eval mode), ``(8,)`` float64."""
-    was_training = model.training
-    model.eval()
-    total, count = None, 0
-    try:
-        for index, batch in enumerate(batches):
-            if max_batches is not None and index >= max_batches:
-                break
-            params = model_outputs(model, batch["input_image"].to(device, non_blocking=True))["params"]
-            batch_sum = params.detach().double().sum(dim=0)
-            total = batch_sum if total is None else total + batch_sum
-            count += params.shape[0]
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("no samples to average the predicted parameters over (empty loader?)")
-    return total / count
+def _score_constant_lens(params: torch.Tensor, batches: Iterable[Mapping], *, device: torch.device,
+                         max_batches: int | None) -> dict[str, float]:
+    """Mean proxy of one parameter vector ``(8,)`` applied to every input of ``batches`` (no model)."""
+    acc = ScoreAccumulator()
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        image = batch["input_image"].to(device, non_blocking=True)
+        target = batch["target_image"].to(device, non_blocking=True)
+        fixed = params.to(image).expand(image.shape[0], -1)
+        acc.add(proxy_score_batch(apply_correction(image, fixed, None).prediction.float(), target.float()),
+                image.shape[0])
+    return acc.mean()
 
 
 @torch.no_grad()
@@ -202,19 +195,17 @@ def score_subset(
     and the predictions are correlated with it only when every sample has one.
     ``loss_fn(pred, target, correction) -> dict`` adds loss sums. With ``with_baselines=False``
     identity and ground truth are not scored (they are constant over a run, so the trainer scores
-    them once). With ``constant_lens=True`` a first pass over ``batches`` (which must then be
-    iterable twice, as a ``DataLoader`` is) averages the model's parameters, and the constant lens
-    they make is scored beside the model.
+    them once). With ``constant_lens=True`` the mean of the model's parameters over the subset is
+    applied to every input and scored beside the model, in a second pass over ``batches`` (which
+    must then be iterable twice, as a ``DataLoader`` is) that does not run the model again.
     """
-    constant = (mean_predicted_params(model, batches, device=device, max_batches=max_batches)
-                if constant_lens else None)
     was_training = model.training
     model.eval()
     acc_model, acc_identity, acc_gt = ScoreAccumulator(), ScoreAccumulator(), ScoreAccumulator()
-    acc_constant = ScoreAccumulator()
     loss_sums: dict[str, float] = {}
     gt_complete = ground_truth is not None
     predicted, truth = [], []
+    params_sum = torch.zeros(len(PARAM_NAMES), dtype=torch.float64)
     try:
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
@@ -224,12 +215,9 @@ def score_subset(
             count = image.shape[0]
             correction = correct(model, image, residual_active)
             acc_model.add(proxy_score_batch(correction.prediction.float(), target.float()), count)
+            params_sum += correction.params.detach().double().sum(dim=0).cpu()
             if with_baselines:
                 acc_identity.add(proxy_score_batch(identity_prediction(image).float(), target.float()), count)
-            if constant is not None:
-                fixed = constant.to(image).expand(count, -1)
-                acc_constant.add(proxy_score_batch(apply_correction(image, fixed, None).prediction.float(),
-                                                   target.float()), count)
             ids = list(batch.get("image_id", []))
             gt_complete = gt_complete and len(ids) == count and all(i in ground_truth for i in ids)
             if gt_complete:
@@ -244,6 +232,7 @@ def score_subset(
     finally:
         model.train(was_training)
     gt_complete = gt_complete and acc_model.count > 0
+    constant = params_sum / acc_model.count if constant_lens and acc_model.count else None
     correlations = None
     if gt_complete:
         correlations = dict(zip(PARAM_NAMES, pearson_per_column(torch.cat(predicted), torch.cat(truth))))
@@ -253,7 +242,8 @@ def score_subset(
         ground_truth=acc_gt.mean() if with_baselines and gt_complete else None,
         sample_count=acc_model.count,
         loss_sums=loss_sums,
-        constant_lens=acc_constant.mean() if constant is not None else None,
+        constant_lens=(_score_constant_lens(constant, batches, device=device, max_batches=max_batches)
+                       if constant is not None else None),
         constant_params=tuple(float(v) for v in constant) if constant is not None else None,
         param_correlations=correlations,
     )

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, NonFiniteLossError, default_loss_fn
 from autohdr.diagnosis.instrumentation import GROUP_NAMES, GroupMembers, parameter_groups, unwrap_model
-from autohdr.lens.evaluation import Correction, correct
+from autohdr.lens.evaluation import correct
 from autohdr.training.config import TrainConfig, to_dict
 from autohdr.training.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers
 from autohdr.training import checkpoint as ckpt
@@ -113,7 +113,7 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self._loss_fn = default_loss_fn(self.spec, config.loss_weights)
         self.hooks = Instrumentation(self.model, self.optimizer, self.out_dir, stage=config.stage, groups=groups,
-                                     config=InstrumentationConfig.from_train_config(config), loss_fn=self._loss,
+                                     config=InstrumentationConfig.from_train_config(config), loss_fn=self._loss_fn,
                                      ground_truth=ground_truth, device=self.device, dist=dist_ctx, log=log,
                                      non_finite_hint=f"Lower the learning rate (lr={config.lr}) or check the inputs")
         self.groups = self.hooks.groups
@@ -176,9 +176,6 @@ class Trainer:
         if not self.amp_enabled:
             return nullcontext()
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-
-    def _loss(self, correction: Correction, target: torch.Tensor):
-        return self._loss_fn(correction, target)
 
     def probe_batch(self) -> dict:
         """The fixed probe: the first ``debug_probe_max_samples`` validation samples."""
@@ -387,7 +384,7 @@ class Trainer:
                                     "image_id": batch.get("image_id", [])})
         with self._autocast():
             correction = correct(self.model, image, self.spec.residual_active)
-            total, components = self._loss(correction, target)
+            total, components = self._loss_fn(correction, target)
         hooks.on_after_forward()
         if not torch.isfinite(total):
             hooks.fail_non_finite("loss", float(total.detach()), components)

@@ -109,10 +109,10 @@ def _specs_of(item: pytest.Item) -> list[RunSpec]:
 def _cost(spec: RunSpec) -> float:
     """Relative CPU cost of a run: pixels trained and validated (a validation costs about 2 epochs)."""
     preset = load_preset(spec.mode, dict(spec.overrides))
-    epochs = spec.epochs or preset.train.epochs
-    interval = max(1, min(preset.train.validate_every, epochs // 4))
+    train = dataclasses.replace(preset.train, epochs=spec.epochs or preset.train.epochs)
+    validations = -(-train.epochs // train.validation_interval)
     height, width = preset.data.resize_hw
-    return preset.data.num_pairs * height * width * (epochs + 2 * -(-epochs // interval))
+    return preset.data.num_pairs * height * width * (train.epochs + 2 * validations)
 
 
 def _this_workers_share(items: list[pytest.Item]) -> list[RunSpec]:
