@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 from skimage import data
 from skimage.transform import resize
 
+from autohdr.lens import proxy
 from autohdr.lens.geometry import brown_conrady_grid, warp
 from autohdr.lens.proxy import SCORE_KEYS, SUB_SCORES, HardFailThresholds, ProxyWeights, proxy_score, proxy_score_batch
 
@@ -313,4 +314,107 @@ def test_speed_per_pair_at_128(benchmark):
     scores = benchmark.pedantic(proxy_score, args=(pred, target), rounds=30, iterations=1, warmup_rounds=3)
     assert 0.0 < scores["total"] < 1.0
     if benchmark.stats is not None:  # None under --benchmark-disable / xdist
+        benchmark.extra_info["ms_per_pair_median"] = benchmark.stats.stats.median * 1e3
+
+
+# ----------------------------------------------------------------------------- target cache
+
+def _uncached_definition(pred, target, weights=None, thresholds=None) -> dict:
+    """The proxy as defined before targets were cached: both images' features computed afresh and
+    scikit-image's own ``structural_similarity`` (the reference the cached path must equal bit for bit)."""
+    from skimage.metrics import structural_similarity
+
+    weights, thresholds = weights or ProxyWeights(), thresholds or HardFailThresholds()
+    pred_np, target_np = proxy._to_hwc(pred, "pred"), proxy._to_hwc(target, "target")
+    fp, ft = proxy._features(pred_np), proxy._features(target_np)
+    scores = {
+        "edge": proxy.edge_f1(fp.edges, ft.edges),
+        "line": proxy.line_straightness(fp.edges, ft.edges),
+        "grad": proxy.gradient_orientation(fp.gx, fp.gy, ft.gx, ft.gy),
+        "ssim": float(np.clip(structural_similarity(fp.gray, ft.gray, data_range=1.0), 0.0, 1.0)),
+        "mae": float(np.clip(1.0 - np.abs(pred_np - target_np).mean(), 0.0, 1.0)),
+    }
+    hard_fail = any(proxy._hard_fail_reasons(fp, ft, thresholds).values())
+    normalized = weights.normalized()
+    total = 0.0 if hard_fail else sum(normalized[k] * scores[k] for k in SUB_SCORES)
+    return {"total": float(np.clip(total, 0.0, 1.0)), **scores, "hard_fail": bool(hard_fail)}
+
+
+def _cache_pairs():
+    """Pairs covering each sub-score's branches: distortions, noise, black frames, blank, identical, flat."""
+    rng = np.random.default_rng(7)
+    for name in ("astronaut", "camera", "brick"):
+        target = photo(name)
+        noisy = np.clip(target + rng.normal(0.0, 0.05, target.shape), 0.0, 1.0).astype(np.float32)
+        for pred in (distort(target, 0.1), distort(target, -0.3, 0.9), noisy, black_frame(target, 40),
+                     np.zeros_like(target), target.copy(), photo("coffee")):
+            yield pred, target
+    flat = np.full((SIZE, SIZE, 3), 0.5, np.float32)
+    yield flat, flat.copy()
+    yield photo("rocket"), flat
+
+
+class TestTargetCache:
+    def test_scores_are_bit_identical_to_the_uncached_definition_on_misses_and_hits(self):
+        proxy.clear_target_cache()
+        for pred, target in _cache_pairs():
+            expected = _uncached_definition(pred, target)
+            assert proxy_score(pred, target) == expected  # exact equality, every key
+            assert proxy_score(pred, target) == expected  # the same target again: a cache hit
+            as_torch = torch.from_numpy(target).permute(2, 0, 1)
+            assert proxy_score(pred, as_torch) == expected  # the same values as a tensor
+        info = proxy.target_cache_info()
+        assert info["hits"] > 0 and info["misses"] > 0
+
+    def test_ssim_equals_scikit_images_bit_for_bit(self):
+        from skimage.metrics import structural_similarity
+
+        rng = np.random.default_rng(3)
+        for shape in ((16, 16), (17, 40), (128, 128)):
+            a, b = rng.random(shape), rng.random(shape)
+            b[: shape[0] // 2] = a[: shape[0] // 2]
+            ours = proxy._ssim(a, proxy._ssim_window_stats(a), b, proxy._ssim_window_stats(b))
+            assert ours == structural_similarity(a, b, data_range=1.0)
+
+    def test_each_distinct_target_is_computed_once(self):
+        proxy.clear_target_cache()
+        targets = [photo(name) for name in ("astronaut", "camera")]
+        for _ in range(3):
+            for target in targets:
+                proxy_score(distort(target, 0.1), target)
+        info = proxy.target_cache_info()
+        assert (info["misses"], info["hits"], info["entries"]) == (2, 4, 2)
+
+    def test_a_changed_target_is_not_confused_with_the_cached_one(self):
+        proxy.clear_target_cache()
+        target = photo("astronaut")
+        pred = distort(target, 0.1)
+        before = proxy_score(pred, target)
+        changed = target.copy()
+        changed[60:70, 60:70] = 0.0
+        assert proxy_score(pred, changed) == _uncached_definition(pred, changed) != before
+
+    def test_cached_views_are_read_only(self):
+        proxy.clear_target_cache()
+        target = photo("camera")
+        view = proxy._TARGETS.view(target)
+        with pytest.raises(ValueError, match="read-only"):
+            view.features.gray[0, 0] = 1.0
+
+    def test_the_cache_stays_within_its_byte_bound(self):
+        cache = proxy._TargetCache(max_bytes=4 * 2**20)  # about 2 views at 128x128
+        for name in PHOTOS:
+            cache.view(photo(name))
+        assert 0 < cache._bytes <= cache.max_bytes and len(cache._views) < len(PHOTOS)
+        assert list(cache._views)[-1] == cache.key(photo(PHOTOS[-1]))  # the newest is kept
+
+
+@pytest.mark.benchmark(group="proxy")
+def test_speed_per_pair_at_128_target_cached(benchmark):
+    target = photo("astronaut")
+    pred = distort(target, 0.1)
+    proxy_score(pred, target)  # the target's view is cached from here on
+    scores = benchmark.pedantic(proxy_score, args=(pred, target), rounds=30, iterations=1, warmup_rounds=3)
+    assert scores == _uncached_definition(pred, target)
+    if benchmark.stats is not None:
         benchmark.extra_info["ms_per_pair_median"] = benchmark.stats.stats.median * 1e3
