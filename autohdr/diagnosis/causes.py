@@ -261,8 +261,15 @@ def _diverged(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
         return []
     lr = _config(run.history).get("lr")
     setting = f"train.lr={lr!r}" if lr is not None else "the learning rate"
+    claims: tuple[str, ...] = ("finite", "clipping_sane")
+    errors = _rows(run.history, "error")
+    if "name" in errors.columns and (errors["name"] == "non_finite").any():
+        # The run stopped at the blow-up: what the steps before it show (parameters thrown to their
+        # bounds, saturated heads passing no gradient, no time to learn) follows from it.
+        claims += ("param_head_not_saturated", *GROUP_SIGNALS, *RESIDUAL_KNOCK_ON, "eval_residual_matches_train",
+                   "loss_decreases", "scores_move", "probe_checksums_change", *BASELINE_SIGNALS)
     return _diagnosis("diverged", f"training diverged on clean inputs: {setting} too high, or a loss term that "
-                      "divides by or takes the log of 0", bad, ("finite", "clipping_sane"),
+                      "divides by or takes the log of 0", bad, claims,
                       "train_step loss and grad_norm_total before the first non-finite step",
                       "Good vs Bad Signals")
 

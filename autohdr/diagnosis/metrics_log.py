@@ -1,10 +1,15 @@
 """The run's metric history: one JSON object per line in ``metrics.jsonl``.
 
 Every record has a ``kind`` (``run_start``, ``init``, ``train_step``, ``warning``, ``val_epoch``,
-``epoch_end``, ``error``, ``run_end``). Floats are written with full precision
-(``repr``-exact), so :func:`read_metrics` gives back exactly what was logged, and so does
+``epoch_end``, ``error``, ``interrupted``, ``run_end``). Numbers are written as JSON numbers with full
+precision (``repr``-exact), missing values as ``null``, and the non-finite floats of a diverged run
+as the tokens ``NaN``, ``Infinity`` and ``-Infinity`` (Python's ``json`` writes them, and both it
+and pandas read them back as float nan / inf; strict JSON parsers refuse them), never as strings. So :func:`read_metrics` gives back exactly what was logged, and so does
 ``pandas.read_json(path, lines=True, precise_float=True, dtype=False)``. Without those two options
 pandas rounds the last digits of some floats and turns an all-digit checksum string into a number.
+Files written by an older autohdr hold non-finite values as the strings ``"nan"``, ``"inf"`` and
+``"-inf"``: :func:`read_metrics` restores them as floats (checksums are hex strings, which can never
+read like that).
 
 A crash in the middle of a write can leave the last line incomplete. Such a **torn** line -- the
 file's final line, without its trailing newline, that does not parse as a record -- is dropped by
@@ -57,13 +62,34 @@ def _parse(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+#: How an older autohdr wrote non-finite floats (``str(float)``), restored by :func:`restore_non_finite`.
+LEGACY_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def restore_non_finite(value: Any) -> Any:
+    """``value`` with the strings ``"nan"`` / ``"inf"`` / ``"-inf"`` (an older autohdr's way of
+    writing non-finite floats) turned back into floats, inside dicts and lists too; anything else
+    unchanged."""
+    if isinstance(value, str):
+        return LEGACY_NON_FINITE.get(value, value)
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: restore_non_finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [restore_non_finite(v) for v in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy / torch scalars turned into Python numbers, so JSON writes numbers."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    item = getattr(value, "item", None)  # numpy and 0-d torch scalars
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        return item()
     return value
 
 
@@ -125,7 +151,8 @@ class MetricsWriter:
         if self._handle is None:
             return
         try:
-            self._handle.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+            # allow_nan: non-finite floats as NaN / Infinity / -Infinity, which json.loads and pandas read back
+            self._handle.write(json.dumps(_plain(record), allow_nan=True) + "\n")
             self._handle.flush()
         except OSError as exc:
             if exc.filename is None and exc.errno is not None:  # name the file (e.g. a full disk)
@@ -143,14 +170,15 @@ def read_metrics(path_or_dir: str | Path) -> pd.DataFrame:
 
     A torn last line (see the module's docstring) is left out with an
     :class:`IncompleteLastLineWarning`; any other line that is not a record is a ``ValueError``
-    naming ``file:line``.
+    naming ``file:line``. Non-finite values come back as float nan / inf, also from files an
+    older autohdr wrote with them as strings.
     """
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
-    records = [record for _, record in _parse(path, path.read_text(encoding="utf-8"))]
+    records = [restore_non_finite(record) for _, record in _parse(path, path.read_text(encoding="utf-8"))]
     if not records:
         raise ValueError(f"metrics file {path} is empty")
     return pd.DataFrame.from_records(records)

@@ -14,9 +14,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
-from autohdr.diagnosis.metrics_log import read_metrics
+from autohdr.diagnosis.metrics_log import read_metrics, restore_non_finite
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,60 @@ class JudgeConfig:
     init_proxy_atol: float = 1e-3           # init proxy total may differ from identity's by this much
 
 
+#: Start of the detail of a signal that raised on its history (judged ``n/a``, see :func:`judge`).
+NOT_JUDGED_ERROR = "not judged: this history breaks the signal"
+
+
 def _rows(history: pd.DataFrame, kind: str) -> pd.DataFrame:
     if "kind" not in history.columns:
         return history.iloc[0:0]
     return history[history["kind"] == kind]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_series(values: pd.Series) -> pd.Series:
+    """``values`` as floats when it is a column of numbers (some of them written as the strings
+    ``"nan"`` / ``"inf"`` / ``"-inf"`` by an older autohdr, or as other junk text); a column of
+    text (checksums, names), flags or tables is returned unchanged.
+
+    Central coercion for every signal: a diverged run's non-finite values and a hand-made history's
+    ``None`` reach the signals as float nan / inf, never as strings.
+    """
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return values
+    present = values.dropna().map(restore_non_finite)
+    numbers = present.map(_is_number)
+    if not numbers.any() or not (numbers | present.map(lambda v: isinstance(v, str))).all():
+        return values
+    return pd.to_numeric(values.map(restore_non_finite), errors="coerce").astype(float)
+
+
+def numeric_history(history: pd.DataFrame) -> pd.DataFrame:
+    """``history`` with every column of numbers coerced by :func:`numeric_series` (see there)."""
+    changed = {}
+    for name in history.columns:
+        column = history[name]
+        if not (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)):
+            coerced = numeric_series(column)
+            if coerced is not column:
+                changed[name] = coerced
+    if not changed:
+        return history
+    out = history.copy()
+    for name, column in changed.items():
+        out[name] = column
+    return out
+
+
 def _column(frame: pd.DataFrame, name: str) -> pd.Series | None:
+    """The present values of ``frame[name]`` (numbers coerced, see :func:`numeric_series`), ``None``
+    when there are none."""
     if name not in frame.columns:
         return None
-    values = frame[name].dropna()
+    values = numeric_series(frame[name]).dropna()
     return values if len(values) else None
 
 
@@ -76,7 +121,7 @@ def _stage_info(history: pd.DataFrame) -> dict[str, Any]:
         return {"stage": None, "residual_active": None, "world_size": 1}
     row = start.iloc[-1]
     return {"stage": row.get("stage"), "residual_active": _flag(row.get("residual_branch_active")),
-            "world_size": int(row.get("world_size", 1) or 1)}
+            "world_size": _as_int(row.get("world_size"), 1) or 1}
 
 
 def _residual_off(history: pd.DataFrame, signal: str) -> Verdict | None:
@@ -104,6 +149,12 @@ def _as_float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _as_int(value: Any, default: Any) -> Any:
+    """``value`` as an int; ``default`` when it is missing, non-finite or not a number."""
+    number = _as_float(value)
+    return int(number) if math.isfinite(number) else default
 
 
 def _flag(value: Any) -> bool:
@@ -261,7 +312,7 @@ def beats_identity(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     model, identity = float(last["val_proxy_total"]), float(last["identity_proxy_total"])
     evidence = {"model_proxy_total": model, "identity_proxy_total": identity,
                 "delta": model - identity, "margin": cfg.beats_identity_margin,
-                "sample_count": int(last["val_sample_count"]) if pd.notna(last.get("val_sample_count")) else 0}
+                "sample_count": _as_int(last.get("val_sample_count"), 0)}
     gt = _as_float(last.get("gt_proxy_total"))
     if math.isfinite(gt) and gt != identity:
         evidence["gt_proxy_total"] = gt
@@ -668,12 +719,12 @@ def batches_in_range(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
         return Verdict("batches_in_range", True, f"every batch in [{low.min():.3g}, {high.max():.3g}]", evidence)
     first = bad.iloc[0]
     sample = first.get("batch_bad_sample") if "batch_bad_sample" in bad else None
-    where = f"step {int(first['step'])}"
+    where = f"step {_as_int(first.get('step'), '?')}"
     if isinstance(sample, dict):
         where += f", sample {sample.get('image_id') or '#' + str(sample.get('index'))}"
         evidence["first_bad_sample"] = sample
     if float(nonfinite.loc[first.name]) > 0:
-        what = f"{int(nonfinite.loc[first.name])} non-finite value(s)"
+        what = f"{_as_int(nonfinite.loc[first.name], 'some')} non-finite value(s)"
     else:
         what = f"values in [{first['batch_min']:.4g}, {first['batch_max']:.4g}], expected [0, 1]"
     return Verdict("batches_in_range", False, f"{len(bad)} training batch(es) out of range; first at {where}: {what}",
@@ -764,8 +815,20 @@ def judge(history: pd.DataFrame | str, cfg: JudgeConfig | None = None) -> list[V
     """Every signal's verdict for a run (a DataFrame, a ``metrics.jsonl`` path or a run folder)."""
     if not isinstance(history, pd.DataFrame):
         history = read_metrics(history)
+    history = numeric_history(history)
     cfg = cfg or JudgeConfig()
-    return [fn(history, cfg) for fn in SIGNALS.values()]
+    with np.errstate(all="ignore"):  # inf - inf and the like in a diverged run's figures: no RuntimeWarning
+        return [_judge_one(name, fn, history, cfg) for name, fn in SIGNALS.items()]
+
+
+def _judge_one(name: str, fn: Callable[[pd.DataFrame, JudgeConfig], Verdict], history: pd.DataFrame,
+               cfg: JudgeConfig) -> Verdict:
+    """``fn(history, cfg)``; a signal that fails on a history it was not written for (text where numbers
+    belong, a record cut short) says so as ``n/a`` instead of stopping the whole judgement."""
+    try:
+        return fn(history, cfg)
+    except Exception as exc:  # noqa: BLE001 -- one odd history must not hide every other verdict
+        return Verdict(name, None, f"{NOT_JUDGED_ERROR}: {type(exc).__name__}: {exc}")
 
 
 def all_good(verdicts: list[Verdict]) -> bool:
