@@ -3,7 +3,8 @@
 Exit codes: 0 when every applicable signal is good, 1 when a bad signal fires (or the run could
 not finish), 2 on a usage or input error or when the run cannot use its folder or disk (the run
 folder is in use or holds a finished run, a checkpoint cannot be written: no space left on
-device...; one line on stderr, no traceback), 130 on Ctrl-C.
+device...; one line on stderr, no traceback), 130 on Ctrl-C (``debug``, and ``judge`` of a run
+that was interrupted: its verdicts judge the steps it ran, headed ``INTERRUPTED``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_report(report: dict) -> None:
-    from autohdr.diagnosis.verdicts import Verdict, format_table
+    from autohdr.diagnosis.verdicts import Verdict, format_table, status_line
     verdicts = [Verdict(**v) for v in report["verdicts"]]
     print(f"\n{report['mode']} ({report['runbook_name'] or report['stage']}) on {report['device']}")
     print(format_table(verdicts))
@@ -90,12 +91,15 @@ def _print_report(report: dict) -> None:
         print(f"\nRUN FAILED: {report['error']}")
     run_dir = Path(report["out_dir"])
     page = run_dir / "report.html"
-    print("\n" + _summary_line(report["all_good"], page if page.is_file() else run_dir / "report.json"))
+    interrupted = (report.get("interrupted_at") or True) if report.get("interrupted") else None
+    headline = status_line(verdicts, interrupted) if interrupted or report["all_good"] else "BAD SIGNALS"
+    print("\n" + _summary_line(headline, page if page.is_file() else run_dir / "report.json"))
 
 
-def _summary_line(good: bool, report_file: Path) -> str:
-    """The last line of ``debug`` and ``judge``: ``ALL GOOD`` or ``BAD SIGNALS`` and where the report is."""
-    return f"{'ALL GOOD' if good else 'BAD SIGNALS'} -- report: {report_file}"
+def _summary_line(headline: str, report_file: Path) -> str:
+    """The last line of ``debug`` and ``judge``: ``ALL GOOD``, ``BAD SIGNALS`` or ``INTERRUPTED ...``
+    (:func:`~autohdr.diagnosis.verdicts.status_line`) and where the report is."""
+    return f"{headline} -- report: {report_file}"
 
 
 def _run(args, mode: str, overrides: list[str], resume=None) -> int:
@@ -140,7 +144,8 @@ def _judge(args) -> int:
     from autohdr.training.config import from_mapping, to_dict
     from autohdr.diagnosis.presets import load_preset
     from autohdr.diagnosis.report_html import write_report_html
-    from autohdr.diagnosis.verdicts import JudgeConfig, all_good, format_table, judge
+    from autohdr.diagnosis.verdicts import (JudgeConfig, all_good, format_table, interruption, judge, overall_status,
+                                            status_line)
     from autohdr.diagnosis.causes import diagnose, format_diagnoses
     from autohdr.diagnosis.metrics_log import read_metrics
     cfg = JudgeConfig()
@@ -159,24 +164,30 @@ def _judge(args) -> int:
     history = read_metrics(args.run_dir)
     verdicts = judge(history, cfg)
     good = all_good(verdicts)
+    stopped = interruption(history)  # an interrupted run is judged on what it ran, and says so
     diagnoses = diagnose(verdicts, history, reference_lr=_reference_lr(args.run_dir, args.mode, history))
     # report.html shows these verdicts, with the thresholds that gave them; report.json stays as the run wrote it.
     config = stored.get("config") if isinstance(stored.get("config"), dict) else {}
     page = {"out_dir": str(args.run_dir), **stored, "verdicts": [v.to_dict() for v in verdicts], "all_good": good,
-            "diagnoses": [d.to_dict() for d in diagnoses], "config": {**config, "judge": to_dict(cfg)}}
+            "diagnoses": [d.to_dict() for d in diagnoses], "config": {**config, "judge": to_dict(cfg)},
+            "interrupted": stopped is not None, "interrupted_at": stopped,
+            "status": overall_status(verdicts, stopped)}
     try:
         report_file = write_report_html(args.run_dir, page)
     except OSError as exc:  # a read-only run folder: the verdicts still count
         report_file = report_path
         print(f"autohdr: note: report.html not rewritten ({_one_line(exc)})", file=sys.stderr)
     if args.json:
-        print(json.dumps({"all_good": good, "verdicts": [v.to_dict() for v in verdicts]}, indent=2, default=str))
+        print(json.dumps({"all_good": good, "status": overall_status(verdicts, stopped), "interrupted_at": stopped,
+                          "verdicts": [v.to_dict() for v in verdicts]}, indent=2, default=str))
     else:
         print(format_table(verdicts))
         causes = format_diagnoses(diagnoses)
         if causes:
             print("\n" + causes)
-        print("\n" + _summary_line(good, report_file))
+        print("\n" + _summary_line(status_line(verdicts, stopped), report_file))
+    if stopped is not None:  # like the run itself: an interrupted run never passes
+        return EXIT_INTERRUPTED
     return EXIT_OK if good else EXIT_BAD_SIGNAL
 
 

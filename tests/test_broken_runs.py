@@ -239,3 +239,94 @@ def test_what_a_diverged_run_shows_before_it_stopped_is_explained_by_the_diverge
     finished = stopped[stopped["kind"] != "error"]
     causes = [d.cause_id for d in diagnose(verdicts, finished)]
     assert causes[0] == "diverged" and "frozen_param_head" in causes
+
+
+# ---------------------------------------------------------------------------- interrupted runs
+
+class InterruptAtTrainingStep(LensCorrectionModel):
+    """The small model whose training forward number ``step`` raises ``KeyboardInterrupt`` (Ctrl-C there)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(SMALL_CONFIG)
+        self.step, self.calls = step, 0
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.step:
+                raise KeyboardInterrupt
+        return super().forward(image)
+
+
+def interrupt_at_step_5() -> LensCorrectionModel:
+    """``--model-factory``: Ctrl-C in the 5th training step (4 steps done, in the second epoch)."""
+    return InterruptAtTrainingStep(5)
+
+
+INTERRUPT_CLI = ["--device", "cpu", "--no-plots", "--model-factory", "tests.test_broken_runs:interrupt_at_step_5",
+                 "--set", "data.num_pairs=8", "--set", "data.batch_size=2", "--set", "data.resize_hw=64x64",
+                 "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """``autohdr debug stage2_probe`` interrupted after 4 steps: (exit code, stdout, run folder)."""
+    import contextlib
+    import io
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["debug", "stage2_probe", "--out", str(run_dir), *INTERRUPT_CLI])
+    return code, out.getvalue(), run_dir
+
+
+class TestInterruptedRun:
+    def test_debug_says_interrupted_where_and_exits_130(self, interrupted_run):
+        code, out, run_dir = interrupted_run
+        assert code == cli.EXIT_INTERRUPTED
+        last = out.strip().splitlines()[-1]
+        assert last.startswith("INTERRUPTED in epoch 2 after step 4: judged on the steps it ran")
+        assert "BAD SIGNALS" not in out and "signal" in out and "verdict" in out  # the table is there
+
+    def test_report_json_and_html_say_interrupted(self, interrupted_run):
+        _, _, run_dir = interrupted_run
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        assert report["status"] == "INTERRUPTED" and report["interrupted"] is True
+        assert report["interrupted_at"] == {"epoch": 2, "step": 4}
+        page = (run_dir / "report.html").read_text(encoding="utf-8")
+        assert '<div class="banner interrupted" id="overall">INTERRUPTED in epoch 2 after step 4' in page
+        assert "<title>stage2_probe: INTERRUPTED</title>" in page and "BAD SIGNALS" not in page
+
+    def test_judge_of_the_interrupted_run_says_so_and_exits_130(self, interrupted_run, capsys):
+        _, _, run_dir = interrupted_run
+        code, out, err = _judge_cli(run_dir, capsys)
+        assert code == cli.EXIT_INTERRUPTED, (out, err)
+        assert out.strip().splitlines()[-1].startswith("INTERRUPTED in epoch 2 after step 4")
+        page = (run_dir / "report.html").read_text(encoding="utf-8")
+        assert 'class="banner interrupted"' in page
+        capsys.readouterr()
+        assert cli.main(["judge", str(run_dir), "--json"]) == cli.EXIT_INTERRUPTED
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["status"] == "INTERRUPTED" and printed["interrupted_at"] == {"epoch": 2, "step": 4}
+
+    def test_a_run_that_finished_is_not_headed_interrupted(self, tmp_path, capsys):
+        """Green side: the same tiny run, not interrupted, ends with ALL GOOD or BAD SIGNALS, never INTERRUPTED."""
+        args = ["debug", "stage2_probe", "--out", str(tmp_path / "run"), *INTERRUPT_CLI]
+        args[args.index("tests.test_broken_runs:interrupt_at_step_5")] = "tests.cli_factories:small_model"
+        args[args.index("3")] = "1"
+        code = cli.main(args)
+        out = capsys.readouterr().out
+        assert code in (cli.EXIT_OK, cli.EXIT_BAD_SIGNAL)
+        assert "INTERRUPTED" not in out
+        report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
+        assert report["status"] in ("ALL GOOD", "BAD SIGNALS") and report["interrupted_at"] is None
+
+
+def test_the_headline_of_an_interrupted_run_names_its_bad_signals():
+    from autohdr.diagnosis.verdicts import Verdict, overall_status, status_line
+    verdicts = [Verdict("finite", True, ""), Verdict("loss_decreases", False, "rose")]
+    assert overall_status(verdicts) == "BAD SIGNALS" and overall_status(verdicts[:1]) == "ALL GOOD"
+    assert overall_status(verdicts, {"epoch": 1, "step": 3}) == "INTERRUPTED"
+    assert status_line(verdicts, {"epoch": 1, "step": 3}) == (
+        "INTERRUPTED in epoch 1 after step 3: judged on the steps it ran, BAD in what it ran: loss_decreases")
+    assert status_line(verdicts[:1], True) == "INTERRUPTED: judged on the steps it ran, no BAD signal in what it ran"

@@ -33,7 +33,7 @@ from autohdr.diagnosis.presets import DataPreset, DebugPreset, load_preset, over
 from autohdr.data.settings import DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
 from autohdr.data.split_files import check_replaceable, write_owned_files
 from autohdr.training.trainer import NonFiniteLossError, Trainer
-from autohdr.diagnosis.verdicts import all_good, judge
+from autohdr.diagnosis.verdicts import all_good, interruption, judge
 from autohdr.diagnosis.causes import diagnose
 
 #: Environment variables that override a preset's ``[data]`` table, and the field each sets.
@@ -277,6 +277,10 @@ def run_debug_mode(
                 "all_good": all_good(verdicts) and error is None and not interrupted,
                 "error": error,
                 "interrupted": interrupted,
+                # the headline: INTERRUPTED (judged on what it ran, see interrupted_at), ALL GOOD or BAD SIGNALS
+                "status": "INTERRUPTED" if interrupted else "ALL GOOD" if all_good(verdicts) and error is None
+                else "BAD SIGNALS",
+                "interrupted_at": interruption(history) if interrupted else None,
                 "verdicts": [v.to_dict() for v in verdicts],
                 "diagnoses": [d.to_dict() for d in diagnoses],
                 "figures": _figures(history, time.perf_counter() - started),

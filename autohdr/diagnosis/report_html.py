@@ -36,6 +36,7 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; }
 h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
 .banner { padding: 0.6em 1em; font-size: 1.4em; font-weight: bold; border-radius: 4px; color: #fff; }
 .banner.good { background: #2e7d32; } .banner.bad { background: #c62828; }
+.banner.interrupted { background: #e65100; }
 .note { background: #fff3cd; border: 1px solid #e0c060; padding: 0.5em 1em; margin: 0.6em 0; }
 .meta { color: #555; font-size: 0.9em; }
 table { border-collapse: collapse; margin: 0.5em 0; }
@@ -194,19 +195,30 @@ def render_report_html(report: Mapping[str, Any], images: Mapping[str, bytes] | 
     good = bool(report.get("all_good"))
     verdicts = list(report.get("verdicts") or [])
     bad = [str(v.get("signal")) for v in verdicts if v.get("ok") is False]
-    title = f"{report.get('mode') or 'run'}: {'ALL GOOD' if good else 'BAD SIGNALS'}"
-    banner = "ALL GOOD" if good else "BAD SIGNALS" + (f": {', '.join(bad)}" if bad else "")
+    interrupted = bool(report.get("interrupted"))
+    status = "INTERRUPTED" if interrupted else "ALL GOOD" if good else "BAD SIGNALS"
+    title = f"{report.get('mode') or 'run'}: {status}"
+    if interrupted:
+        stopped = report.get("interrupted_at")
+        where = (f" in epoch {stopped.get('epoch')} after step {stopped.get('step')}"
+                 if isinstance(stopped, Mapping) else "")
+        banner = (f"INTERRUPTED{where}: judged on the steps it ran, "
+                  + (f"BAD in what it ran: {', '.join(bad)}" if bad else "no BAD signal in what it ran"))
+    else:
+        banner = "ALL GOOD" if good else "BAD SIGNALS" + (f": {', '.join(bad)}" if bad else "")
+    css = "interrupted" if interrupted else "good" if good else "bad"
     notes = []
     if report.get("error"):
         notes.append(f"Run failed: {report['error']}")
-    if report.get("interrupted"):
-        notes.append("The run was interrupted before its last epoch.")
+    if interrupted:
+        notes.append("The run was interrupted (Ctrl-C or SIGTERM) before its last epoch: the verdicts judge the "
+                     "steps it ran (a signal that needs more says n/a); its state is in interrupted.pt.")
     body = [
         f"<h1>{_e(report.get('mode') or 'run')}"
         + (f" <span class=\"meta\">({_e(report['runbook_name'])})</span>" if report.get("runbook_name") else "")
         + "</h1>",
         _meta(report),
-        f'<div class="banner {"good" if good else "bad"}" id="overall">{_e(banner)}</div>',
+        f'<div class="banner {css}" id="overall">{_e(banner)}</div>',
         "".join(f'<div class="note">{_e(n)}</div>' for n in notes),
         '<h2 id="verdicts">Verdicts</h2>', _verdict_table(report),
         _diagnoses_section(report), _figures_section(report), _images_section(images), _config_section(report),

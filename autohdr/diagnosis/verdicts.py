@@ -836,6 +836,37 @@ def all_good(verdicts: list[Verdict]) -> bool:
     return not any(v.ok is False for v in verdicts)
 
 
+def interruption(history: pd.DataFrame) -> dict[str, int] | None:
+    """Where a run was stopped by Ctrl-C / SIGTERM (its ``interrupted`` record): ``{"epoch": E, "step": N}``
+    with the epoch counted from 1 and ``N`` the last step it finished; ``None`` for a run that was not."""
+    stops = _rows(history, "interrupted")
+    if stops.empty:
+        return None
+    row = stops.iloc[-1]
+    return {"epoch": _as_int(row.get("epoch"), 0) + 1, "step": _as_int(row.get("step"), 0)}
+
+
+def overall_status(verdicts: list[Verdict], interrupted: Any = None) -> str:
+    """The run's headline: ``INTERRUPTED`` when it was stopped before its end (``interrupted``: truthy,
+    e.g. :func:`interruption`'s result; its verdicts judge what it ran), else ``ALL GOOD`` or ``BAD SIGNALS``."""
+    if interrupted:
+        return "INTERRUPTED"
+    return "ALL GOOD" if all_good(verdicts) else "BAD SIGNALS"
+
+
+def status_line(verdicts: list[Verdict], interrupted: Any = None) -> str:
+    """:func:`overall_status` with what it rests on: for an interrupted run, where it stopped (a
+    :func:`interruption` dict, or ``True`` when unknown) and how many signals its steps turned BAD."""
+    status = overall_status(verdicts, interrupted)
+    if status != "INTERRUPTED":
+        return status
+    where = (f" in epoch {interrupted['epoch']} after step {interrupted['step']}"
+             if isinstance(interrupted, dict) else "")
+    bad = [v.signal for v in verdicts if v.ok is False]
+    judged = f"BAD in what it ran: {', '.join(bad)}" if bad else "no BAD signal in what it ran"
+    return f"INTERRUPTED{where}: judged on the steps it ran, {judged}"
+
+
 def format_table(verdicts: list[Verdict]) -> str:
     """A fixed-width verdict table for the terminal."""
     mark = {True: "GOOD", False: "BAD", None: "n/a"}
