@@ -212,11 +212,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _notices_on_stderr(previous):
-    """A ``warnings.showwarning`` that reports a recovered problem (a torn metrics line) as one
-    ``autohdr: notice: ...`` line and leaves every other warning to ``previous``."""
+    """A ``warnings.showwarning`` that reports a recovered problem (a torn metrics line) or a data
+    notice (fewer pairs than asked, targets without an input) as one ``autohdr: notice: ...`` line
+    and leaves every other warning to ``previous``."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         from autohdr.diagnosis.metrics_log import IncompleteLastLineWarning
-        if issubclass(category, IncompleteLastLineWarning):
+        from autohdr.data.pairs import DataNotice
+        if issubclass(category, (IncompleteLastLineWarning, DataNotice)):
             print(f"autohdr: notice: {message}", file=sys.stderr, flush=True)
         else:
             previous(message, category, filename, lineno, file, line)
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _notices_on_stderr(warnings.showwarning)
         warnings.filterwarnings("always", message=".*incomplete last line")  # every time, in-process too
+        from autohdr.data.pairs import DataNotice
+        warnings.filterwarnings("always", category=DataNotice)
         return _main(argv)
 
 

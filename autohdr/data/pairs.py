@@ -32,6 +32,19 @@ class DataError(ValueError):
     """Bad or missing data; the message names the file or folder and what is wrong."""
 
 
+class DataNotice(UserWarning):
+    """Something about the data a run should say in one line and then go on with (``autohdr`` prints
+    it as ``autohdr: notice: ...``): fewer pairs than asked, targets without an input."""
+
+
+def fewer_pairs_notice(asked: int, found: int, used: int, root: str | Path) -> str | None:
+    """The one line that says a run uses fewer pairs than ``data.num_pairs`` asked, else ``None``."""
+    if used >= asked:
+        return None
+    return (f"data.num_pairs={asked} asked, but {found} pair(s) found in {root}: the run uses {used} "
+            f"(report.json 'pairs' and report.html say so)")
+
+
 def _listing(items: Sequence[Any], limit: int = _MAX_LISTED) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
@@ -76,7 +89,7 @@ def scan_pairs(data_root: str | Path) -> pd.DataFrame:
     no_input = sorted(i for i, f in found.items() if f[TARGET_TAG] and not f[INPUT_TAG])
     if no_input:
         warnings.warn(f"data root {root}: {len(no_input)} target(s) without an input ignored: "
-                      f"{_listing([found[i][TARGET_TAG][0].name for i in no_input])}", stacklevel=2)
+                      f"{_listing([found[i][TARGET_TAG][0].name for i in no_input])}", DataNotice, stacklevel=2)
     ids = sorted(i for i, f in found.items() if f[INPUT_TAG] and f[TARGET_TAG])
     if not ids:
         subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

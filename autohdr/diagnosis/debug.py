@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -124,14 +125,27 @@ def resolve_preset(mode: str, overrides: list[str] | dict[str, Any] | None = Non
 
 def select_rows(data_root: Path, preset: DataPreset) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The train and validation rows of a debug run (identical when ``preset.overfit``)."""
+    train_rows, val_rows, _ = select_rows_counted(data_root, preset)
+    return train_rows, val_rows
+
+
+def select_rows_counted(data_root: Path, preset: DataPreset) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """:func:`select_rows` and the pairs it really used: ``{"asked", "found", "used", "train", "val",
+    "note"}`` (``note``: one line when fewer pairs were found than ``data.num_pairs`` asks, else ``None``)."""
     rows = data_mod.scan_pairs(data_root)
+    found = len(rows)
     if preset.shuffle_pairs:
         rows = rows.sample(frac=1.0, random_state=preset.split_seed).reset_index(drop=True)
     rows = rows.iloc[: preset.num_pairs].reset_index(drop=True)
     data_mod.validate_pairs(rows)
     if preset.overfit:
-        return rows, rows.copy()
-    return data_mod.train_val_split(rows, preset.val_frac, preset.split_seed, preset.group_regex)
+        train_rows, val_rows = rows, rows.copy()
+    else:
+        train_rows, val_rows = data_mod.train_val_split(rows, preset.val_frac, preset.split_seed, preset.group_regex)
+    counts = {"asked": int(preset.num_pairs), "found": found, "used": len(rows), "train": len(train_rows),
+              "val": len(val_rows), "overfit": bool(preset.overfit),
+              "note": data_mod.fewer_pairs_notice(preset.num_pairs, found, len(rows), data_root)}
+    return train_rows, val_rows, counts
 
 
 def build_loaders(train_rows: pd.DataFrame, val_rows: pd.DataFrame, preset: DataPreset, seed: int,
@@ -222,6 +236,7 @@ def run_debug_mode(
 
         root = Path(data_root) if data_root else Path(os.environ.get("AUTOHDR_DATA_ROOT") or default_fixture_root())
         ground_truth = None
+        pair_counts: dict[str, Any] | None = None  # the pairs the run really used (its own data only)
         uses_data_root = train_loader is None or val_loader is None
         if uses_data_root:
             split_dir = Path(os.environ.get("AUTOHDR_SPLIT_DIR") or out)
@@ -229,7 +244,9 @@ def run_debug_mode(
             data_mod.ensure_outside_data_root(split_dir, root, "AUTOHDR_SPLIT_DIR")
             # Refused on every rank, before any work, when a split there was not written by autohdr.
             check_replaceable(split_dir, SPLIT_FILES)
-            train_rows, val_rows = select_rows(root, data_preset)
+            train_rows, val_rows, pair_counts = select_rows_counted(root, data_preset)
+            if pair_counts["note"] and dist_ctx.is_main:
+                warnings.warn(pair_counts["note"], data_mod.DataNotice, stacklevel=2)
         # One run per folder (README "Run folders"): taken once the inputs are known to be good,
         # before anything is written to the folder; released on every way out below.
         folder_lock = run_folder.claim_on_main(out, resume=resume_from is not None, dist_ctx=dist_ctx, log=log)
@@ -286,6 +303,7 @@ def run_debug_mode(
                 "figures": _figures(history, time.perf_counter() - started),
                 "out_dir": str(out),
                 "data_root": str(root) if uses_data_root else None,
+                "pairs": pair_counts,
                 "device": str(torch_device),
                 "world_size": dist_ctx.world_size,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),

@@ -186,7 +186,15 @@ def _meta(report: Mapping[str, Any]) -> str:
     seed = ((report.get("config") or {}).get("train") or {}).get("seed")
     if seed is not None:
         items.insert(3, f"seed: <strong>{_e(seed)}</strong>")
-    return '<p class="meta">' + " · ".join(items) + "</p>"
+    pairs = report.get("pairs")
+    if isinstance(pairs, Mapping) and pairs.get("used") is not None:
+        split = ("train = val" if pairs.get("overfit") else f"{_e(pairs.get('train'))} train, {_e(pairs.get('val'))} val")
+        items.append(f"pairs: <strong>{_e(pairs['used'])}</strong> used ({split}) of {_e(pairs.get('asked'))} asked, "
+                     f"{_e(pairs.get('found'))} found")
+    line = '<p class="meta">' + " · ".join(items) + "</p>"
+    if isinstance(pairs, Mapping) and pairs.get("note"):
+        line += f'<div class="note" id="pairs-note">{_e(pairs["note"])}</div>'
+    return line
 
 
 def render_report_html(report: Mapping[str, Any], images: Mapping[str, bytes] | None = None) -> str:
