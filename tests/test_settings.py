@@ -63,6 +63,8 @@ class TestDataSettings:
         ("AUTOHDR_SPLIT_SEED", "-3", "integer >= 0"),
         ("AUTOHDR_MAX_PAIRS", "0", "integer >= 1"),
         ("AUTOHDR_MAX_PAIRS", "all", "integer >= 1"),
+        ("AUTOHDR_BATCH_SIZE", "1_6", "integer >= 1"),  # Python's digit groups are refused, as in --set
+        ("AUTOHDR_VAL_FRAC", "0.2_5", "strictly between 0 and 1"),
     ])
     def test_malformed_value_names_the_variable(self, var, raw, expected):
         with pytest.raises(ValueError, match=f"^{var}='{raw}' is not valid: expected .*{expected}"):

@@ -51,6 +51,8 @@ _NO_RESIZE = ("none", "full", "off")
 
 
 def _parse_int(text: str, minimum: int) -> int:
+    if "_" in text:  # Python's digit groups ("1_000"): refused, as in --set
+        raise ValueError
     value = int(text)  # ValueError for "8.0", "eight", ""
     if value < minimum:
         raise ValueError
@@ -68,6 +70,8 @@ def _parse_resize(text: str) -> tuple[int, int] | None:
 
 
 def _parse_frac(text: str) -> float:
+    if "_" in text:
+        raise ValueError
     value = float(text)
     if not 0.0 < value < 1.0:  # also refuses nan and inf
         raise ValueError

@@ -1,12 +1,16 @@
 """Typed training configuration and the three training stages.
 
 ``TrainConfig`` is frozen; change it with :func:`apply_overrides` (``key=value`` strings, as
-``--set`` passes them), which refuses keys that do not exist so a typo fails loudly.
+``--set`` passes them), which refuses keys that do not exist so a typo fails loudly. Values are
+refused by name too: a float that is not finite (``inf``, ``nan``, ``1e999``; in ``--set``, preset
+files and Python overrides alike), a number for a boolean (``true``/``false``, ``yes``/``no``,
+``on``/``off`` only), and Python's underscore digit groups (``1_000``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,33 +101,47 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+#: The words a boolean ``--set`` value may be (any case); numbers are refused: ``data.overfit=1`` is
+#: more likely a typo for another key than a way of writing ``true``.
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def _number(text: str, kind: type) -> int | float:
+    """``kind(text)`` for an ``int`` or ``float`` ``--set`` value, written as a plain literal: Python's
+    underscore digit groups (``1_000``) are refused, so a typo cannot read as a number."""
+    if "_" in text:
+        raise ValueError(f"underscores are not accepted in numbers (write {text.replace('_', '')!r})")
+    return kind(text)
+
+
 def _coerce(text: str, current: Any, key: str) -> Any:
     """Parse ``text`` into the type of ``current`` (the field's present value)."""
     lowered = text.strip().lower()
     if isinstance(current, bool):
-        if lowered in ("1", "true", "yes", "on"):
+        if lowered in TRUE_WORDS:
             return True
-        if lowered in ("0", "false", "no", "off"):
+        if lowered in FALSE_WORDS:
             return False
-        raise ValueError(f"{key}: expected true/false, got {text!r}")
+        raise ValueError(f"{key}: expected true/false (or yes/no, on/off), got {text!r}")
     if lowered in ("none", "null"):
         return None
     try:
         if isinstance(current, int):
-            return int(text)
+            return _number(text.strip(), int)
         if isinstance(current, float):
-            return float(text)
+            return _number(text.strip(), float)
         if isinstance(current, tuple):
             parts = [p for p in text.strip().strip("[]()").replace("x", ",").split(",") if p.strip()]
             kind = type(current[0]) if current else float
-            return tuple(kind(p) for p in parts)
-    except ValueError:
+            return tuple(_number(p.strip(), kind) for p in parts)
+    except ValueError as exc:
         example = " (e.g. " + ",".join(str(v) for v in current) + ")" if isinstance(current, tuple) else ""
-        raise ValueError(f"{key}: expected {type(current).__name__}{example}, got {text!r}") from None
+        why = f": {exc}" if str(exc).startswith("underscores") else ""
+        raise ValueError(f"{key}: expected {type(current).__name__}{example}, got {text!r}{why}") from None
     if current is None:  # optional field currently unset: accept ints, floats, or text
         for kind in (int, float):
             try:
-                return kind(text)
+                return _number(text.strip(), kind)
             except ValueError:
                 pass
     return text
@@ -157,6 +175,10 @@ def typed_value(value: Any, hint: Any, key: str) -> Any:
     elif hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            # no setting takes inf or nan: a learning rate, a weight, a threshold or a clip norm of inf
+            # or nan breaks training or judging instead of switching something off
+            raise ValueError(f"{key}: expected a finite float, got {value!r}")
         return float(value)
     elif hint is str and isinstance(value, str):
         return value
