@@ -111,3 +111,226 @@ def test_a_preset_file_with_inf_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"train\.lr: expected a finite float, got nan"):
         from autohdr.diagnosis.debug import resolve_preset
         resolve_preset("stage2_probe", {"train.lr": float("nan")}, environ={})
+
+
+# ---------------------------------------------------------------------------- EXIF orientation
+
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from autohdr.data import DataError, DataNotice, PairDataset, load_image, scan_pairs, validate_pairs  # noqa: E402
+from tests.helpers_data import gradient_rgb  # noqa: E402
+
+ORIENTATION = 0x0112
+
+
+def _save(array: np.ndarray, path: Path, orientation: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    if orientation is None:
+        image.save(path, quality=95)
+    else:
+        exif = Image.Exif()
+        exif[ORIENTATION] = orientation
+        image.save(path, quality=95, exif=exif)
+    return path
+
+
+def _stored_turned(upright: np.ndarray) -> np.ndarray:
+    """The pixels a camera stores for ``upright`` with EXIF orientation 6 (shown after a 270-degree turn)."""
+    return np.ascontiguousarray(np.rot90(upright, k=1))  # 90 degrees counter-clockwise
+
+
+def _write_turned_pair(folder: Path, image_id: str, hw: tuple[int, int], input_tag: int = 6,
+                       rotate_input: bool = True) -> Path:
+    upright = gradient_rgb(*hw, seed=3)
+    stored = _stored_turned(upright) if rotate_input else upright
+    _save(stored, folder / f"{image_id}_original.jpg", orientation=input_tag)
+    _save(upright, folder / f"{image_id}_generated.jpg")
+    return folder
+
+
+class TestExifOrientation:
+    @pytest.mark.parametrize("hw", [(48, 48), (48, 80)], ids=["square", "landscape"])
+    def test_an_input_stored_turned_with_its_tag_loads_upright_like_its_target(self, tmp_path, hw):
+        folder = _write_turned_pair(tmp_path, "cam01", hw)
+        stored = np.asarray(Image.open(folder / "cam01_original.jpg"), dtype=np.float32) / 255
+        target = load_image(folder / "cam01_generated.jpg").numpy()
+        loaded = load_image(folder / "cam01_original.jpg").numpy()
+        assert loaded.shape == target.shape == (3, *hw)
+        assert np.abs(loaded - target).mean() < 0.02                      # upright: the same picture
+        if hw[0] == hw[1]:  # the bug: read as stored, a square input is its target turned by 90 degrees
+            assert np.abs(stored.transpose(2, 0, 1) - target).mean() > 0.1
+        rows = scan_pairs(folder)
+        with pytest.warns(DataNotice, match=r"cam01 \(input 6, target 1\)"):  # accepted, and named
+            assert validate_pairs(rows) == 1
+        sample = PairDataset(rows, resize_hw=(32, 32))[0]
+        assert np.abs(sample["input_image"].numpy() - sample["target_image"].numpy()).mean() < 0.03
+
+    def test_pairs_with_the_same_orientation_give_no_notice(self, tmp_path):
+        upright = gradient_rgb(48, 64, seed=1)
+        _save(_stored_turned(upright), tmp_path / "a_original.jpg", orientation=6)
+        _save(_stored_turned(upright), tmp_path / "a_generated.jpg", orientation=6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert validate_pairs(scan_pairs(tmp_path)) == 1
+
+    def test_a_wrong_tag_that_breaks_the_sizes_says_so(self, tmp_path):
+        """Input tagged as turned but stored upright (non-square): refused, naming EXIF and both tags."""
+        folder = _write_turned_pair(tmp_path, "cam02", (48, 80), rotate_input=False)
+        with pytest.raises(DataError) as info:
+            validate_pairs(scan_pairs(folder))
+        message = str(info.value)
+        assert "cam02_original.jpg (48x80)" in message and "cam02_generated.jpg (80x48)" in message
+        assert "EXIF orientation 6" in message and "as stored they would match" in message
+
+
+# ---------------------------------------------------------------------------- image size limits
+
+class TestImageSize:
+    @pytest.mark.parametrize("hw", [(1, 1), (3, 4000), (15, 64)], ids=["1x1", "4000x3", "64x15"])
+    def test_an_image_below_the_minimum_is_refused_by_name(self, tmp_path, hw):
+        _save(gradient_rgb(*hw), tmp_path / "tiny_original.jpg")
+        _save(gradient_rgb(*hw), tmp_path / "tiny_generated.jpg")
+        rows = scan_pairs(tmp_path)
+        with pytest.raises(DataError, match=rf"tiny_original.jpg is {hw[1]}x{hw[0]} pixels: images must be at "
+                                            r"least 16x16"):
+            validate_pairs(rows)
+        with pytest.raises(DataError, match="tiny_original.jpg"):
+            PairDataset(rows)[0]
+
+    def test_an_image_at_the_minimum_is_accepted(self, tmp_path):
+        _save(gradient_rgb(16, 16), tmp_path / "ok_original.jpg")
+        _save(gradient_rgb(16, 16), tmp_path / "ok_generated.jpg")
+        rows = scan_pairs(tmp_path)
+        assert validate_pairs(rows) == 1 and PairDataset(rows)[0]["input_image"].shape == (3, 16, 16)
+
+    def test_pillow_size_warnings_become_one_notice_and_the_limit_is_a_setting(self, tmp_path, monkeypatch):
+        """Scaled down (a 10000x10000 photo takes a 300 MB decode): Pillow's own limit is set to 1000 pixels
+        and autohdr's (AUTOHDR_MAX_IMAGE_PIXELS) to 3000: a 40x40 image (1600) is above half of it."""
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        monkeypatch.setenv("AUTOHDR_MAX_IMAGE_PIXELS", "3000")
+        _save(gradient_rgb(40, 40), tmp_path / "big_original.jpg")
+        _save(gradient_rgb(40, 40), tmp_path / "big_generated.jpg")
+        rows = scan_pairs(tmp_path)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            validate_pairs(rows)
+            PairDataset(rows, resize_hw=(32, 32))[0]
+        assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+        notices = [str(w.message) for w in seen if issubclass(w.category, DataNotice)]
+        assert len(notices) == 2 and "big_original.jpg is 40x40 = 0.0 megapixels, a very large image" in notices[0]
+        assert "AUTOHDR_MAX_IMAGE_PIXELS" in notices[0]
+        assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's setting is left as it was
+
+    def test_an_image_above_the_limit_is_refused_naming_the_setting(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("AUTOHDR_MAX_IMAGE_PIXELS", "1000")
+        _save(gradient_rgb(40, 40), tmp_path / "huge_original.jpg")
+        _save(gradient_rgb(40, 40), tmp_path / "huge_generated.jpg")
+        rows = scan_pairs(tmp_path)
+        with pytest.raises(DataError, match=r"huge_original.jpg is 40x40 = 0.0 megapixels, above the limit of "
+                                            r"0.0 MP: set AUTOHDR_MAX_IMAGE_PIXELS=1600 \(or 'none'\)"):
+            validate_pairs(rows)
+        monkeypatch.setenv("AUTOHDR_MAX_IMAGE_PIXELS", "1600")
+        with pytest.warns(DataNotice):
+            assert validate_pairs(rows) == 1
+        monkeypatch.setenv("AUTOHDR_MAX_IMAGE_PIXELS", "lots")
+        with pytest.raises(ValueError, match="AUTOHDR_MAX_IMAGE_PIXELS='lots' is not valid"):
+            validate_pairs(rows)
+
+    def test_a_large_image_is_one_notice_line_in_the_command(self, tmp_path, monkeypatch, capsys):
+        data = copy_pairs(default_fixture_root(), tmp_path / "pairs", 4)
+        first = sorted(data.glob("*_original.*"))[0]
+        width, height = Image.open(first).size
+        monkeypatch.setenv("AUTOHDR_MAX_IMAGE_PIXELS", str(int(width * height * 1.5)))
+        code, out, err = _debug(capsys, "stage2_probe", "--data-root", str(data), "--out", str(tmp_path / "run"),
+                                "--set", "data.num_pairs=4", *TINY_RUN)
+        assert code in (cli.EXIT_OK, cli.EXIT_BAD_SIGNAL), err
+        lines = [line for line in err.splitlines() if "very large image" in line]
+        assert len(lines) == 8 and all(line.startswith("autohdr: notice: image file ") for line in lines)
+        assert "DecompressionBomb" not in err
+
+
+# ---------------------------------------------------------------------------- broken links, checkpoints, models
+
+class TestBrokenLinks:
+    def test_broken_and_looping_symlinks_are_named(self, tmp_path):
+        data = copy_pairs(default_fixture_root(), tmp_path / "pairs", 2)
+        (data / "gone_original.jpg").symlink_to(tmp_path / "nowhere" / "x.jpg")
+        (data / "gone_generated.jpg").symlink_to(next(data.glob("*_generated.jpg")))
+        (data / "loop_generated.jpg").symlink_to(data / "loop_generated.jpg")
+        with pytest.raises(DataError) as info:
+            scan_pairs(data)
+        message = str(info.value)
+        assert "2 image link(s) lead to no file" in message
+        assert f"gone_original.jpg -> {tmp_path / 'nowhere' / 'x.jpg'} (its target does not exist)" in message
+        assert "loop_generated.jpg -> " in message and "(a symlink loop)" in message
+        assert "without an input" not in message
+
+    def test_a_symlink_to_an_image_is_a_pair_like_any_other(self, tmp_path):
+        data = copy_pairs(default_fixture_root(), tmp_path / "pairs", 1)
+        (tmp_path / "linked").mkdir()
+        for file in data.iterdir():
+            (tmp_path / "linked" / file.name).symlink_to(file)
+        assert len(scan_pairs(tmp_path / "linked")) == 1
+
+
+class TestCheckpointErrors:
+    def _refusal(self, tmp_path, capsys, checkpoint: Path) -> str:
+        code, out, err = _debug(capsys, "stage2_probe", "--out", str(tmp_path / "run"), "--init-from",
+                                str(checkpoint), *TINY_RUN, "--set", "data.num_pairs=4")
+        assert code == cli.EXIT_USAGE, (out, err)
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"autohdr: error: checkpoint {checkpoint} could not be read: ")
+        assert "weights_only" not in line and "False" not in line and "trusted source" not in line
+        return line
+
+    def test_a_pickle_of_arbitrary_objects_is_refused_without_the_unsafe_advice(self, tmp_path, capsys):
+        import fractions
+        import torch
+        bad = tmp_path / "other.pt"
+        torch.save({"model": {"w": fractions.Fraction(1, 3)}}, bad)
+        line = self._refusal(tmp_path, capsys, bad)
+        assert "a Python object of type fractions.Fraction" in line and "never runs code" in line
+
+    @pytest.mark.parametrize("content", [b"hello, not a checkpoint", b"\x80\x04K\x01."], ids=["text", "pickle"])
+    def test_a_file_that_is_no_checkpoint_is_named(self, tmp_path, capsys, content):
+        bad = tmp_path / "notes.pt"
+        bad.write_bytes(content)
+        self._refusal(tmp_path, capsys, bad)
+
+    def test_a_broken_link_as_checkpoint_is_named(self, tmp_path, capsys):
+        link = tmp_path / "best.pt"
+        link.symlink_to(tmp_path / "moved" / "best.pt")
+        code, out, err = _debug(capsys, "stage2_probe", "--out", str(tmp_path / "run"), "--init-from", str(link),
+                                *TINY_RUN)
+        assert code == cli.EXIT_USAGE
+        assert err.strip() == f"autohdr: error: checkpoint {link} is a broken symlink (to {tmp_path / 'moved' / 'best.pt'})"
+
+
+def wrong_output_key():
+    """``--model-factory``: a model whose forward returns ``{"parameters": ...}`` instead of ``{"params": ...}``."""
+    import torch
+
+    class WrongKey(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(3, 8)
+
+        def forward(self, image):
+            return {"parameters": self.head(image.mean(dim=(2, 3))), "flow": None}
+
+    return WrongKey()
+
+
+def test_a_model_with_a_wrong_output_key_is_named(tmp_path, capsys):
+    args = ["stage2_probe", "--out", str(tmp_path / "run"), *TINY_RUN, "--set", "data.num_pairs=4"]
+    args[args.index("tests.cli_factories:small_model")] = "tests.test_odd_inputs:wrong_output_key"
+    code, out, err = _debug(capsys, *args)
+    assert code == cli.EXIT_USAGE, (out, err)
+    line = err.strip().splitlines()[-1]  # after the notices on its unnamed parameter groups
+    assert line.startswith("autohdr: error: ") and "Traceback" not in err
+    assert "must return a dict with 'params'" in line
+    assert "got a dict with 'parameters', 'flow' but no 'params'" in line and "WrongKey" in line

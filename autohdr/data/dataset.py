@@ -1,7 +1,13 @@
 """Image decoding, pair validation, the pair dataset and its loader.
 
-Convention: images are ``(3, H, W)`` float32 in ``[0, 1]``, RGB, pixels in stored order (EXIF
-orientation is not applied); a batch from :func:`make_loader` is ``(B, 3, H, W)``.
+Convention: images are ``(3, H, W)`` float32 in ``[0, 1]``, RGB, upright: the EXIF orientation
+tag is applied on load (``ImageOps.exif_transpose``, inputs and targets alike), as every image
+viewer does; a batch from :func:`make_loader` is ``(B, 3, H, W)``. Sizes are the upright sizes.
+
+Images smaller than :data:`MIN_IMAGE_SIDE` pixels on a side, or larger than
+:func:`~autohdr.data.settings.max_image_pixels` (``AUTOHDR_MAX_IMAGE_PIXELS``), are refused naming
+the file; Pillow's ``DecompressionBombWarning`` is never shown (the validation pass says one
+line per very large file instead).
 
 :func:`validate_pairs` checks every file's header up front so bad data fails before training
 starts; a JPEG whose body is corrupt past its header can only be found on decode, where
@@ -11,15 +17,17 @@ imported lazily (inside the functions that need it).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
-from autohdr.data.pairs import DataError, _check_columns, _listing
+from autohdr.data.pairs import DataError, DataNotice, _check_columns, _listing
+from autohdr.data.settings import MAX_IMAGE_PIXELS_VAR, max_image_pixels
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +38,80 @@ _TO_RGB_VIA_RGBA = ("P", "PA", "LA", "La", "RGBa")
 _TO_RGB = ("1", "L", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 #: Bytes at the end of a file searched for the end marker (JPEG EOI, PNG IEND); allows short trailers.
 _END_MARKER_WINDOW = 64 * 1024
+
+#: The smallest image side accepted (stored size): below it there are no lines to straighten.
+MIN_IMAGE_SIDE = 16
+#: EXIF tag 274: how the stored pixels must be turned to show the photo upright (1 = as stored).
+EXIF_ORIENTATION_TAG = 0x0112
+#: Orientations that swap width and height (a quarter turn, with or without a mirror).
+_QUARTER_TURNS = (5, 6, 7, 8)
+_ORIENTATION_NAMES = {1: "upright", 2: "mirrored", 3: "rotated 180", 4: "mirrored vertically",
+                      5: "transposed", 6: "rotated 90 (turn clockwise)", 7: "transversed",
+                      8: "rotated 270 (turn counter-clockwise)"}
+
+# ----------------------------------------------------------------------------- opening
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 when it has none or an invalid one."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # a damaged EXIF block: the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def orientation_name(value: int) -> str:
+    return f"EXIF orientation {value} ({_ORIENTATION_NAMES.get(value, 'unknown')})"
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(W, H)`` of the image as shown upright (its EXIF orientation applied)."""
+    width, height = img.size
+    return (height, width) if exif_orientation(img) in _QUARTER_TURNS else (width, height)
+
+
+def _size_problem(path: Path, size: tuple[int, int], limit: int | None, min_side: int) -> str | None:
+    """Why an image of stored ``size`` ``(W, H)`` is refused, or ``None``."""
+    width, height = size
+    if min(width, height) < min_side:
+        return (f"image file {path} is {width}x{height} pixels: images must be at least {MIN_IMAGE_SIDE}x"
+                f"{MIN_IMAGE_SIDE} (stored size)")
+    if limit is not None and width * height > limit:
+        return (f"image file {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit "
+                f"of {limit / 1e6:.1f} MP: set {MAX_IMAGE_PIXELS_VAR}={width * height} (or 'none') to decode it")
+    return None
+
+
+def _large_image_notice(path: Path, size: tuple[int, int], limit: int | None) -> str | None:
+    """One line for an image above half the pixel limit (where Pillow would warn), else ``None``."""
+    width, height = size
+    if limit is None or width * height <= limit // 2:
+        return None
+    return (f"image file {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, a very large image "
+            f"(decoding is slow; the limit is {limit / 1e6:.1f} MP, {MAX_IMAGE_PIXELS_VAR})")
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path, min_side: int = 0) -> Iterator[Image.Image]:
+    """``Image.open(path)`` under autohdr's size rules: refused (:class:`DataError` naming the file)
+    with a side below ``min_side`` (the data pipeline passes :data:`MIN_IMAGE_SIDE`) or above
+    ``AUTOHDR_MAX_IMAGE_PIXELS``; Pillow's own pixel limit and its ``DecompressionBombWarning`` are
+    switched off meanwhile (this check replaces them)."""
+    path = Path(path)
+    limit = max_image_pixels()
+    previous = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(path) as img:
+                problem = _size_problem(path, img.size, limit, min_side)
+                if problem:
+                    raise DataError(problem)
+                yield img
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
 
 # ----------------------------------------------------------------------------- decoding
 
@@ -42,19 +124,26 @@ def _check_resize(resize_hw) -> tuple[int, int] | None:
     return hw  # type: ignore[return-value]
 
 
-def _decode(path: str | Path, resize_hw: tuple[int, int] | None, draft: bool) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Decode to ``(3, H, W)`` float32 in ``[0, 1]``; also returns the stored size ``(W, H)``."""
+def _decode(path: str | Path, resize_hw: tuple[int, int] | None, draft: bool,
+            min_side: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode to ``(3, H, W)`` float32 in ``[0, 1]``, upright; also returns the full upright size ``(W, H)``
+    (the stored size, turned by the EXIF orientation)."""
     import torch
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file {path} does not exist")
     try:
-        with Image.open(path) as img:
-            stored_size = img.size
-            if resize_hw is not None and draft and img.format == "JPEG":
+        with open_image(path, min_side) as opened:
+            width, height = opened.size
+            if resize_hw is not None and draft and opened.format == "JPEG":
                 # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding, never below the requested size
-                img.draft("RGB", (resize_hw[1], resize_hw[0]))
-            img.load()  # inside the try: a truncated or corrupt body fails here
+                # (asked in stored orientation)
+                turned = exif_orientation(opened) in _QUARTER_TURNS
+                opened.draft("RGB", (resize_hw[0], resize_hw[1]) if turned else (resize_hw[1], resize_hw[0]))
+            opened.load()  # inside the try: a truncated or corrupt body fails here
+            # a PNG's EXIF can follow its pixels: the orientation is read once they are loaded
+            stored_size = (height, width) if exif_orientation(opened) in _QUARTER_TURNS else (width, height)
+            img = ImageOps.exif_transpose(opened)  # upright, as a viewer shows it (a copy when it turns)
             if img.mode in _SIXTEEN_BIT_MODES:
                 # 16-bit PNG/TIFF: scale by 65535 (not clipped at 255); PIL's "I" holds them too
                 gray = np.asarray(img, dtype=np.float32) / 65535.0
@@ -79,6 +168,12 @@ def _decode(path: str | Path, resize_hw: tuple[int, int] | None, draft: bool) ->
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
         raise DataError(f"image file {path} cannot be decoded (corrupt or truncated?): {exc}") from exc
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), stored_size
+
+
+def image_orientation(path: str | Path) -> int:
+    """The EXIF orientation (1-8) of the image file ``path`` (header only)."""
+    with open_image(path) as img:
+        return exif_orientation(img)
 
 
 def load_image(path: str | Path, resize_hw: tuple[int, int] | None = None, *, draft: bool = True) -> torch.Tensor:
@@ -117,8 +212,13 @@ def validate_pairs(rows: pd.DataFrame, max_check: int | None = None, *, decode: 
     """Check the first ``max_check`` rows (all by default) before training; returns how many were checked.
 
     Per pair: both files exist, their headers open, they end with their format's end marker (a
-    cheap truncation check), and input and target have the same size; ids are unique. With
+    cheap truncation check), they are neither smaller than :data:`MIN_IMAGE_SIDE` nor larger
+    than ``AUTOHDR_MAX_IMAGE_PIXELS``, and input and target have the same upright size (EXIF
+    orientation applied; a mismatch that the tags explain says so); ids are unique. With
     ``decode=True`` every file is also fully decoded (slow, thorough).
+
+    Notices (:class:`~autohdr.data.pairs.DataNotice`, one line each): a very large image (above
+    half the pixel limit), and the pairs whose two files carry different EXIF orientations.
 
     Raises:
         DataError: listing every problem found, each with its file.
@@ -131,28 +231,50 @@ def validate_pairs(rows: pd.DataFrame, max_check: int | None = None, *, decode: 
     dup = sorted(set(subset["image_id"][subset["image_id"].duplicated()]))
     if dup:
         problems.append(f"duplicate image_id(s): {_listing(dup)}")
+    limit = max_image_pixels()
+    turned_pairs: list[str] = []
     for row in subset.itertuples(index=False):
-        sizes = {}
+        sizes, stored, orientation = {}, {}, {}
         for role, path in (("input", Path(row.input_path)), ("target", Path(row.target_path))):
             if not path.is_file():
                 problems.append(f"{path}: {role} file of {row.image_id} does not exist")
                 continue
             try:
-                with Image.open(path) as img:
-                    sizes[role], fmt = img.size, img.format
+                with open_image(path, MIN_IMAGE_SIDE) as img:
+                    stored[role], fmt = img.size, img.format
                     if decode:
                         img.load()
+                    orientation[role] = exif_orientation(img)
+                    sizes[role] = upright_size(img)
+            except DataError as exc:  # too small or too large: the message names the file
+                problems.append(f"{exc} ({role} of {row.image_id})")
+                continue
             except Exception as exc:
                 problems.append(f"{path}: {role} of {row.image_id} cannot be read ({exc})")
                 sizes.pop(role, None)
                 continue
+            notice = _large_image_notice(path, stored[role], limit)
+            if notice:
+                warnings.warn(notice, DataNotice, stacklevel=2)
             hint = _end_marker_problem(path, fmt)
             if hint:
                 problems.append(f"{path}: {role} of {row.image_id}: {hint}")
+        if len(orientation) == 2 and orientation["input"] != orientation["target"]:
+            turned_pairs.append(f"{row.image_id} (input {orientation['input']}, target {orientation['target']})")
         if len(sizes) == 2 and sizes["input"] != sizes["target"]:
             (wi, hi), (wt, ht) = sizes["input"], sizes["target"]
+            exif = ""
+            if orientation["input"] != orientation["target"]:
+                exif = (f" after their EXIF orientation is applied (input: {orientation_name(orientation['input'])}, "
+                        f"target: {orientation_name(orientation['target'])}"
+                        + ("; as stored they would match: is one tag wrong?)" if stored["input"] == stored["target"]
+                           else ")"))
             problems.append(f"{row.input_path} ({wi}x{hi}) and {row.target_path} ({wt}x{ht}): "
-                            f"input and target sizes differ for {row.image_id}")
+                            f"input and target sizes differ for {row.image_id}{exif}")
+    if turned_pairs and not problems:
+        warnings.warn(f"{len(turned_pairs)} pair(s) whose input and target carry different EXIF orientations "
+                      f"(both are shown upright, as a viewer does; check that the tags are right): "
+                      f"{_listing(turned_pairs)}", DataNotice, stacklevel=2)
     if problems:
         shown = "\n  - ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -170,7 +292,8 @@ class PairDataset:
 
     ``__getitem__`` returns ``input_image`` and ``target_image`` ``(3, H, W)`` float32 in ``[0, 1]``
     plus ``image_id``, ``input_path`` and ``target_path`` (str). With ``resize_hw`` both images are
-    resized to ``(H, W)``; input and target must have the same stored size either way.
+    resized to ``(H, W)``; input and target must have the same upright size either way (the EXIF
+    orientation of each is applied on load).
 
     ``hflip`` (training only -- keep it off for validation) flips input and target together,
     horizontally, for about half the samples; the choice is a function of ``(seed, epoch, index)``
@@ -210,8 +333,8 @@ class PairDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self))[index]  # IndexError past the end; negative indices allowed
-        inp, inp_size = _decode(self.input_paths[index], self.resize_hw, self.draft)
-        tgt, tgt_size = _decode(self.target_paths[index], self.resize_hw, self.draft)
+        inp, inp_size = _decode(self.input_paths[index], self.resize_hw, self.draft, MIN_IMAGE_SIDE)
+        tgt, tgt_size = _decode(self.target_paths[index], self.resize_hw, self.draft, MIN_IMAGE_SIDE)
         if inp_size != tgt_size:
             raise DataError(f"{self.input_paths[index]} ({inp_size[0]}x{inp_size[1]}) and "
                             f"{self.target_paths[index]} ({tgt_size[0]}x{tgt_size[1]}): input and target "

@@ -12,7 +12,9 @@ and what is wrong. This module imports no torch, so the split tools (:func:`scan
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -60,7 +62,8 @@ def scan_pairs(data_root: str | Path) -> pd.DataFrame:
         sorted by ``image_id``, index ``0..N-1``.
 
     Raises:
-        DataError: the root is missing or not a folder, holds no pairs, an id has two inputs or two
+        DataError: the root is missing or not a folder, holds no pairs, an image name is a symlink
+            that leads to no file (broken, looping; named with its target), an id has two inputs or two
             targets, two ids differ only in letter case (``P005`` beside ``p005``; their files are
             named), or an input has no target (the expected target file is named). Targets without
             an input only warn.
@@ -71,11 +74,19 @@ def scan_pairs(data_root: str | Path) -> pd.DataFrame:
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder")
     found: dict[str, dict[str, list[Path]]] = {}
+    dangling: list[str] = []
     for path in root.iterdir():
         match = _PAIR_NAME.match(path.name)
-        if path.name.startswith(".") or match is None or not path.is_file():
+        if path.name.startswith(".") or match is None:
+            continue
+        if not path.is_file():
+            if path.is_symlink():
+                dangling.append(_dangling_link(path))
             continue
         found.setdefault(match["id"], {INPUT_TAG: [], TARGET_TAG: []})[match["tag"].lower()].append(path)
+    if dangling:
+        raise DataError(f"data root {root}: {len(dangling)} image link(s) lead to no file: {_listing(sorted(dangling))}; "
+                        f"fix or remove them")
 
     ambiguous = sorted(str(p) for files in found.values() for tag in files.values() if len(tag) > 1 for p in tag)
     if ambiguous:
@@ -101,6 +112,21 @@ def scan_pairs(data_root: str | Path) -> pd.DataFrame:
         "input_path": [str(found[i][INPUT_TAG][0]) for i in ids],
         "target_path": [str(found[i][TARGET_TAG][0]) for i in ids],
     }, columns=list(SPLIT_COLUMNS))
+
+
+def _dangling_link(path: Path) -> str:
+    """``name -> target (why)`` for a symlink that leads to no file (broken, looping, or a folder)."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    try:
+        path.stat()
+    except OSError as exc:
+        why = "a symlink loop" if exc.errno == errno.ELOOP else "its target does not exist"
+    else:
+        why = "its target is not a file"
+    return f"{path.name} -> {target} ({why})"
 
 
 def _refuse_ids_differing_only_in_case(root: Path, found: dict[str, dict[str, list[Path]]]) -> None:

@@ -16,6 +16,12 @@ variable                    field           format
 ``AUTOHDR_GROUP_REGEX``     ``group_regex`` regex with a named group ``group``, or ``"none"``
 ==========================  ==============  ==========================================
 
+``AUTOHDR_MAX_IMAGE_PIXELS`` (read by :func:`max_image_pixels`, not a field): the largest image
+autohdr decodes, in pixels (integer >= 1, or ``"none"`` for no limit); default
+:data:`DEFAULT_MAX_IMAGE_PIXELS`, Pillow's own refusal point. Larger images are refused naming the
+file and this variable; images above half of it get one notice line (Pillow's
+``DecompressionBombWarning`` is never shown).
+
 ``AUTOHDR_SPLIT_DIR`` only receives files: autohdr writes ``train_split.csv`` / ``val_split.csv``
 there and replaces them only when it wrote them itself and they are unchanged (see
 :mod:`autohdr.data.split_files`). ``AUTOHDR_GROUP_REGEX`` names the photoshoot of a pair id (see
@@ -48,6 +54,26 @@ ENV_VARS: dict[str, str] = {
 }
 MIN_RESIZE = 16
 _NO_RESIZE = ("none", "full", "off")
+#: The variable that sets the largest image decoded (see :func:`max_image_pixels`).
+MAX_IMAGE_PIXELS_VAR = "AUTOHDR_MAX_IMAGE_PIXELS"
+#: Its default: 2 x Pillow's ``Image.MAX_IMAGE_PIXELS`` (89,478,485), where Pillow refuses to decode.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
+def max_image_pixels(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The largest image (width x height) autohdr decodes: ``AUTOHDR_MAX_IMAGE_PIXELS`` (``None``
+    for ``"none"``: no limit), else :data:`DEFAULT_MAX_IMAGE_PIXELS`. A malformed value is a
+    ``ValueError`` naming the variable."""
+    raw = (environ.get(MAX_IMAGE_PIXELS_VAR) or "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if raw.lower() in ("none", "off"):
+        return None
+    try:
+        return _parse_int(raw, 1)
+    except ValueError:
+        raise ValueError(f"{MAX_IMAGE_PIXELS_VAR}={raw!r} is not valid: expected an integer >= 1 (pixels, "
+                         f"e.g. 400000000), or 'none' for no limit") from None
 
 
 def _parse_int(text: str, minimum: int) -> int:

@@ -73,8 +73,15 @@ def model_outputs(model: nn.Module, image: torch.Tensor) -> dict[str, torch.Tens
     """Run ``model`` and check it returns a mapping with ``params`` ``(B, 8)``."""
     outputs = model(image)
     if not isinstance(outputs, Mapping) or "params" not in outputs:
-        raise ValueError("the model's forward must return a dict with 'params' (B, 8) "
-                         f"and optionally 'residual_flow_lowres'; got {type(outputs).__name__}")
+        if isinstance(outputs, Mapping):
+            keys = ", ".join(repr(k) for k in list(outputs)[:8]) or "no keys"
+            got = f"a {type(outputs).__name__} with {keys} but no 'params'"
+        elif isinstance(outputs, torch.Tensor):
+            got = f"a tensor of shape {tuple(outputs.shape)} (wrap it: {{'params': ...}})"
+        else:
+            got = type(outputs).__name__
+        raise ValueError(f"the model's forward ({type(model).__name__}) must return a dict with 'params' (B, 8) "
+                         f"and optionally 'residual_flow_lowres'; got {got}")
     return outputs
 
 

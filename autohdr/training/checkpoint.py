@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +112,52 @@ def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_UNSAFE_OPERAND = re.compile(r"Unsupported operand (\d+)")
+
+
+def _why_unreadable(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line of autohdr's own.
+
+    torch's message advises re-running with ``weights_only=False``, which executes whatever code
+    the file's pickle names: for a file of unknown origin (``--init-from`` anything) that advice
+    is not passed on.
+    """
+    text = str(exc)
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        found = _UNSAFE_GLOBAL.search(text)
+        if found:
+            what = f"a Python object of type {found[1]}"
+        elif _UNSAFE_OPERAND.search(text):
+            what = "pickle instructions torch.save does not write (a plain pickle file?)"
+        else:
+            what = "data other than tensors and plain values"
+        return (f"it holds {what}, which a safe (weights-only) load refuses: autohdr never runs code "
+                f"from a checkpoint file; save only the model's state_dict and plain values (torch.save)")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (f"it is not a torch checkpoint file (torch.load: {type(exc).__name__}"
+            + (f": {first[:160]}" if first else "") + ")")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); clear errors for missing or bad files."""
+    """Load a checkpoint safely (``weights_only=True``); clear errors for missing or bad files.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (a broken symlink is named as one).
+        ValueError: naming ``path`` and why it is not an autohdr checkpoint, never with torch's
+            advice to load it unsafely.
+    """
     path = Path(path)
     if not path.is_file():
+        if path.is_symlink():
+            raise FileNotFoundError(f"checkpoint {path} is a broken symlink (to {os.readlink(path)})")
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on pickle protocols: the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file
-        raise ValueError(f"checkpoint {path} could not be read ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"checkpoint {path} could not be read: {_why_unreadable(exc)}") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"checkpoint {path} is not an autohdr checkpoint (no 'model' entry)")
     return payload
