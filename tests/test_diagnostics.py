@@ -136,8 +136,19 @@ def test_residual_norms_non_zero_every_step_after_the_first(debug_run, spec):
 
 
 # ------------------------------------------------------------------------------------ broken runs
-# Residual faults keep the preset's 4 epochs: with patience 8 and 4 steps per epoch, 16 steps are
-# needed for the inactivity warning to repeat.
+# Each fault trains at the smallest size that still shows it (the gate pays every one of them).
+# SMALL halves the pairs and the batch: the same steps per epoch (4), so every step-count argument
+# below holds, at half the pixels per step and per validation. Residual faults keep the preset's
+# 4 epochs: with patience 8 and 4 steps per epoch, 16 steps are needed for the inactivity warning
+# to repeat. Every size was checked to keep each fault's `fires` red and its `stays_good` green
+# (test_detector_fires / test_no_false_alarm / test_causes run at these sizes); the healthy runs above
+# keep the presets' full size.
+SMALL = (("data.num_pairs", 16), ("data.batch_size", 4))
+#: Structural residual faults (no gradient, no parameters, zero contribution) are decided by the
+#: residual head's gradients and displacement, which are exact zeros at any resolution: 96 px,
+#: where healthy-stage2-96px proves the probe green.
+SMALL_96 = SMALL + (("data.resize_hw", [96, 96]),)
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -159,94 +170,108 @@ _IGNORES_INPUT_GREEN = ("beats_identity", "loss_decreases", "finite", "init_is_i
                         "param_head_learning", "clipping_sane", "scores_move", "probe_tracks_updates")
 
 FAULTS = [
+    # structural: the residual head's gradient / delta / displacement are exact zeros from step 1
     _fault("residual-requires-grad-off", "stage2_probe", RESIDUAL_SIGNALS, _STAGE2_PLUMBING,
-           model="FrozenResidualHead"),
+           model="FrozenResidualHead", overrides=SMALL_96),
     _fault("residual-head-without-parameters", "stage2_probe", RESIDUAL_SIGNALS, _STAGE2_PLUMBING,
-           model="ResidualHeadWithoutParameters"),
+           model="ResidualHeadWithoutParameters", overrides=SMALL_96),
     _fault("residual-detached", "stage2_probe", RESIDUAL_SIGNALS, _STAGE2_PLUMBING,
-           model="DetachedResidual"),
+           model="DetachedResidual", overrides=SMALL_96),
     _fault("residual-times-zero", "stage2_probe", RESIDUAL_SIGNALS, _STAGE2_PLUMBING,
-           model="ZeroedResidual"),
+           model="ZeroedResidual", overrides=SMALL_96),
     _fault("residual-frozen-stage3", "stage3_probe", RESIDUAL_SIGNALS, _STAGE2_PLUMBING,
-           model="FrozenResidualHead"),
+           model="FrozenResidualHead", overrides=SMALL_96),
+    # a head without gradient is zero on every step; 12 steps give 3 validations for the green plumbing
     _fault("param-head-detached", "stage2_probe", ("param_head_learning",),
            ("finite", "init_is_identity", "not_data_bound", "residual_head_learning", "residual_contributes",
             "probe_tracks_updates"),
-           model="DetachedParamHead", epochs=3),
+           model="DetachedParamHead", epochs=3, overrides=SMALL),
+    # a frozen evaluation copy shows in the first pair of validations (3 validations: two chances)
     _fault("stale-evaluation", "stage2_probe", ("probe_tracks_updates", "probe_checksums_change", "scores_move"),
            ("finite", "init_is_identity", "loss_decreases", "param_head_learning", "residual_head_learning",
             "not_data_bound"),
-           model="StaleEvaluation", epochs=3),
+           model="StaleEvaluation", epochs=3, overrides=SMALL),
+    # lr 0: the loss and the scores are exactly constant, whatever the size; 4 epochs for loss_decreases' windows
     _fault("lr-zero", "overfit_stage1", ("loss_decreases", "scores_move", "probe_checksums_change", "beats_identity"),
            ("finite", "init_is_identity", "not_data_bound", "probe_tracks_updates", "param_head_learning"),
-           overrides=(("train.lr", 0.0),), epochs=4),
+           overrides=(("train.lr", 0.0),) + SMALL, epochs=4),
+    # init faults are decided before the first step; the epochs only give the green signals their data
     _fault("stuck-non-identity", "overfit_stage1", ("beats_identity", "init_is_identity", "loss_decreases"),
            ("finite", "not_data_bound", "clipping_sane", "param_head_not_saturated", "probe_tracks_updates"),
-           model="StuckNonIdentity", epochs=3),
+           model="StuckNonIdentity", epochs=3, overrides=SMALL),
     _fault("param-head-random-init", "overfit_stage1", ("init_is_identity",),
            ("finite", "not_data_bound", "loss_decreases", "param_head_learning", "scores_move"),
-           model="RandomlyInitializedParamHead", epochs=3),
+           model="RandomlyInitializedParamHead", epochs=3, overrides=SMALL),
+    # saturation is a per-step fraction of the batch at the bounds: any batch size shows it
     _fault("param-head-saturated", "overfit_stage1", ("param_head_not_saturated",),
            ("finite", "not_data_bound", "clipping_sane"),
-           model="SaturatedParamHead", epochs=3),
+           model="SaturatedParamHead", epochs=3, overrides=SMALL),
+    # a clip norm of 1e-4 clips every step at any size
     _fault("clip-norm-too-tight", "overfit_stage1", ("clipping_sane",),
            ("finite", "init_is_identity", "not_data_bound", "param_head_learning", "scores_move",
             "probe_tracks_updates"),
-           overrides=(("train.grad_clip_norm", 1e-4),), epochs=3),
+           overrides=(("train.grad_clip_norm", 1e-4),) + SMALL, epochs=3),
+    # the sleep is a multiple of the step's own compute, so the data share does not depend on the size
     _fault("loader-sleeps", "overfit_stage1", ("not_data_bound",),
            ("finite", "init_is_identity", "param_head_learning", "scores_move", "probe_checksums_change",
             "probe_tracks_updates", "clipping_sane"),
-           loader_sleep_factor=3.0, epochs=2),
+           loader_sleep_factor=3.0, epochs=2, overrides=SMALL),
     _fault("lr-explodes", "overfit_stage1", ("finite",), ("init_is_identity", "not_data_bound"),
            overrides=(("train.lr", 1e6),), epochs=2),
-    # learning coverage: a group without gradients, parameters outside the optimizer
+    # learning coverage: a group without gradients, parameters outside the optimizer (decided by
+    # which tensors get a gradient at all: the first steps show it at any size)
     _fault("backbone-detached", "overfit_stage1", ("backbone_learning", "optimizer_covers_params"),
            ("finite", "init_is_identity", "param_head_learning", "scores_move", "batches_in_range"),
-           model="DetachedFeatures", epochs=2),
+           model="DetachedFeatures", epochs=2, overrides=SMALL),
     _fault("parameter-created-after-optimizer", "overfit_stage1", ("optimizer_covers_params",),
            ("finite", "init_is_identity", "param_head_learning", "backbone_learning", "scores_move"),
-           model="LateParameter", epochs=2),
+           model="LateParameter", epochs=2, overrides=SMALL),
     _fault("optimized-parameter-unused", "overfit_stage1", ("optimizer_covers_params",),
            ("finite", "init_is_identity", "param_head_learning", "backbone_learning", "scores_move"),
-           model="UnusedParameters", epochs=2),
-    # evaluation path differs from training
+           model="UnusedParameters", epochs=2, overrides=SMALL),
+    # evaluation path differs from training: the probe (4 samples) is the same at any subset size
     _fault("dropout-at-eval", "stage2_probe", ("eval_deterministic",),
            ("finite", "init_is_identity", "param_head_learning", "backbone_learning", "residual_head_learning",
             "eval_residual_matches_train"),
-           model="DropoutAtEval", epochs=2),
+           model="DropoutAtEval", epochs=2, overrides=SMALL),
     _fault("residual-off-at-eval", "stage2_probe", ("eval_residual_matches_train",),
            ("finite", "init_is_identity", "param_head_learning", "residual_head_learning", "residual_contributes",
             "eval_deterministic"),
-           model="ResidualOffAtEval", epochs=3),
-    # a residual that moves but does not help
+           model="ResidualOffAtEval", epochs=3, overrides=SMALL),
+    # a residual that moves but does not help; kept at 128 px, where the residual's pixel scale was
+    # measured (its floors are in pixels of the low-resolution grid)
     _fault("residual-wrong-units", "stage2_probe", ("residual_contributes",),
            ("finite", "init_is_identity", "param_head_learning", "residual_head_learning", "eval_deterministic"),
-           model="TinyResidual"),
+           model="TinyResidual", overrides=SMALL),
     _fault("residual-hurts", "stage2_probe", ("residual_helps",),
            ("finite", "param_head_learning", "residual_head_learning", "residual_contributes", "eval_deterministic"),
-           model="HarmfulResidual", epochs=3),
-    # data bugs in the training batches
+           model="HarmfulResidual", epochs=3, overrides=SMALL),
+    # data bugs in the training batches: each shows in the batch it is in (batches_vary needs >= 3
+    # steps: 8 here); lr-explodes and batch-nan stop at their first non-finite step anyway
     _fault("batch-repeated", "overfit_stage1", ("batches_vary",),
            ("finite", "init_is_identity", "param_head_learning", "backbone_learning", "batches_in_range"),
-           loader_fault="RepeatFirstBatch", epochs=2),
+           loader_fault="RepeatFirstBatch", epochs=2, overrides=SMALL),
     _fault("batch-0-255", "overfit_stage1", ("batches_in_range",),
            ("init_is_identity", "param_head_learning", "batches_vary", "pairs_match_ground_truth"),
-           loader_fault="Scaled255", epochs=2),
+           loader_fault="Scaled255", epochs=2, overrides=SMALL),
     _fault("batch-nan", "overfit_stage1", ("batches_in_range", "finite"), ("init_is_identity",),
            loader_fault="NaNInOneBatch", epochs=1),
+    # swapped pairs: the ground-truth warp loses to identity on every pair, so 16 pairs show it
     _fault("pairs-swapped", "overfit_stage1", ("pairs_match_ground_truth",),
            ("finite", "init_is_identity", "param_head_learning", "batches_in_range", "batches_vary"),
-           loader_fault="SwappedPairs", epochs=2),
+           loader_fault="SwappedPairs", epochs=2, overrides=SMALL),
     # Models that ignore their input: they train and beat identity with one lens for every image,
-    # and only beats_constant_lens sees it.
+    # and only beats_constant_lens sees it. 10 epochs (40 steps) to learn their one lens; 16 pairs
+    # still differ in lens enough for the healthy model's per-image lens to be the test's contrast.
     _fault("features-averaged-over-batch", "overfit_stage1", ("beats_constant_lens",), _IGNORES_INPUT_GREEN,
-           model="BatchAveragedFeatures", epochs=10),
+           model="BatchAveragedFeatures", epochs=10, overrides=SMALL),
     _fault("param-head-fed-constant-features", "overfit_stage1", ("beats_constant_lens",), _IGNORES_INPUT_GREEN,
-           model="ConstantFeaturesParamHead", epochs=10),
+           model="ConstantFeaturesParamHead", epochs=10, overrides=SMALL),
     # its eight raw values carry a gain of 20 (to learn their one lens within 10 epochs), so their
     # gradients exceed the clip norm on most steps: clipping_sane is right to say so
     _fault("frozen-backbone-bias-only-head", "overfit_stage1", ("beats_constant_lens",),
-           tuple(s for s in _IGNORES_INPUT_GREEN if s != "clipping_sane"), model="FrozenBackboneBiasHead", epochs=10),
+           tuple(s for s in _IGNORES_INPUT_GREEN if s != "clipping_sane"), model="FrozenBackboneBiasHead", epochs=10,
+           overrides=SMALL),
 ]
 
 

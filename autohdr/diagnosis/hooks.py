@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from autohdr.data.dataset import check_batch_range
 from autohdr.diagnosis.checksum import tensor_checksum
 from autohdr.diagnosis.instrumentation import (
     GROUP_NAMES, GroupMembers, ParamDeltaTracker, ResidualInactivityMonitor, StepTimer, cuda_memory_mb,
@@ -178,6 +179,8 @@ class Instrumentation:
         self.perf = PerfTotals(self.config.perf_warmup_steps)
         self._step_wall_start: float | None = None
         self._epoch_started = False
+        self._epoch_ids: set[str] = set()
+        self._epoch_losses: list[float] = []
         self._batch: Mapping | None = None
         self._batch_tensors: dict[str, torch.Tensor] = {}
         self._coverage = OptimizerCoverage(optimizer, skip=() if self.spec.residual_active
@@ -213,7 +216,8 @@ class Instrumentation:
                   "parameter_groups": {n: {**summary, "measured": n in self._measured}
                                        for n, summary in group_summary(self.groups).items()},
                   "notices": list(self.notices),
-                  "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad) for n, ps in self.groups.items()}}
+                  "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad) for n, ps in self.groups.items()},
+                  "optimizer_groups": optimizer_groups(self.optimizer, self.groups)}
         record.update(info or {})
         self.write(record)
         for notice in self.notices:
@@ -240,6 +244,7 @@ class Instrumentation:
         if epoch is None:
             epoch = self.epoch + 1 if self._epoch_started else 0
         self.epoch, self._epoch_started = epoch, True
+        self._epoch_ids, self._epoch_losses = set(), []  # this epoch's training samples and losses
         self._timer.start()
         self._step_wall_start = _now()
 
@@ -325,6 +330,11 @@ class Instrumentation:
         record.update(zip(names, values))
         if "grad_norm_total" in record:
             record["grad_clipped"] = bool(clip_norm is not None and record["grad_norm_total"] > clip_norm)
+        if self.optimizer is not None and "lr_groups" not in record:
+            record["lr_groups"] = [float(group["lr"]) for group in self.optimizer.param_groups]
+        self._epoch_losses.append(record["loss"])
+        if self._batch is not None:
+            self._epoch_ids.update(str(i) for i in self._batch.get("image_id", []))
         if self.config.instrument:
             self._residual_flags(record)
             if self._batch is not None:
@@ -419,7 +429,8 @@ class Instrumentation:
                 raise ValueError("the probe needs validation batches: call on_train_start(val_loader) first")
             inputs, targets, ids = [], [], []
             need = self.config.probe_max_samples
-            for batch in val_batches:
+            for index, batch in enumerate(val_batches):
+                check_batch_range(batch, f"validation batch {index} (the probe)")  # not "pred" in the proxy
                 inputs.append(batch["input_image"])
                 targets.append(batch["target_image"])
                 ids.extend(list(batch.get("image_id", [])))
@@ -483,6 +494,9 @@ class Instrumentation:
             return {"val_loss": loss_fn(correction, target)[0]}
 
         need_baselines = self._baselines is None
+        if self.config.instrument:
+            record.update(validation_fingerprint(val_batches))
+            val_batches = _IdTap(val_batches)
         # A finite last training loss does not make the updated weights usable (a huge step can
         # overflow the next forward): outputs are checked so such a run stops with a clear error.
         used = ("params", "residual_flow_lowres") if self.spec.residual_active else ("params",)
@@ -500,13 +514,19 @@ class Instrumentation:
         record.update({f"constant_lens_proxy_{k}": v for k, v in (scores.constant_lens or {}).items()})
         record.update({f"pred_gt_corr_{k}": v for k, v in (scores.param_correlations or {}).items()})
         record.update(self._baselines)
-        if self.spec.residual_active and self.config.instrument:
+        if self.spec.residual_active and self.config.instrument and final:
             # The same model with its residual zeroed (the parametric warp alone): does the residual help?
+            # residual_helps judges the last validation only, so only the final one pays this pass.
             without = score_subset(self.core, val_batches, residual_active=False, device=self.device,
                                    with_baselines=False)
             record.update({f"val_proxy_no_residual_{k}": v for k, v in without.model.items()})
         record["val_sample_count"] = scores.sample_count
         record["val_loss"] = scores.loss_sums["val_loss"] / max(1, scores.sample_count)
+        if isinstance(val_batches, _IdTap) and val_batches.ids and self._epoch_losses:
+            # train == val (overfit modes): the epoch's mean training loss on the same samples
+            record["val_ids_match_train"] = set(val_batches.ids) == self._epoch_ids
+            record["train_epoch_loss_mean"] = sum(self._epoch_losses) / len(self._epoch_losses)
+            record["train_epoch_steps"] = len(self._epoch_losses)
         if self.config.instrument:
             record.update(self.probe_metrics())
         if self.dist.enabled:
@@ -521,6 +541,7 @@ class Instrumentation:
             again = correct(self.core, probe["input_image"], self.spec.residual_active)  # same input, same weights
             _, components = default_loss_fn(self.spec)(correction, probe["target_image"])
             geometry = self._geometry(correction)
+        flow_modes = self._flow_train_vs_eval(probe["input_image"], correction) if self.spec.residual_active else {}
         proxy = proxy_score_batch(correction.prediction.float(), probe["target_image"].float())
         return {
             "probe_repeat_max_abs_diff": float((again.prediction - correction.prediction).abs().max()),
@@ -535,7 +556,34 @@ class Instrumentation:
             "probe_edge": float(components["edge"]),
             "probe_sample_count": int(probe["input_image"].shape[0]),
             "param_checksum": self.parameter_checksum(),
+            **flow_modes,
         }
+
+    def _flow_train_vs_eval(self, image: torch.Tensor, at_eval: Correction) -> dict:
+        """The probe's residual flow in train mode vs eval mode, by value: their cosine and both
+        checksums. Buffers (batch-norm statistics) and the random state are restored afterwards,
+        so the train-mode pass leaves the run exactly as it was."""
+        if at_eval.residual_flow_lowres is None:
+            return {}
+        buffers = [b.detach().clone() for b in self.core.buffers()]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            was_training = self.core.training
+            self.core.train()
+            try:
+                in_train = correct(self.core, image, True).residual_flow_lowres
+            finally:
+                self.core.train(was_training)
+                for saved, buffer in zip(buffers, self.core.buffers()):
+                    buffer.copy_(saved)
+        if in_train is None:
+            return {}
+        a, b = in_train.detach().float().reshape(-1), at_eval.residual_flow_lowres.detach().float().reshape(-1)
+        norms = float(a.norm() * b.norm())
+        decimals = self.config.checksum_decimals
+        return {"probe_flow_cosine_train_eval": float(a @ b) / norms if norms > 0 else None,
+                "probe_flow_checksum_train": tensor_checksum(in_train, decimals),
+                "probe_flow_checksum_eval": tensor_checksum(at_eval.residual_flow_lowres, decimals)}
 
     def parameter_checksum(self) -> str:
         """Digest of every parameter and floating-point buffer (batch-norm statistics), rounded like
@@ -696,6 +744,57 @@ def batch_identity(batch: Mapping, record: Mapping[str, Any]) -> dict[str, Any]:
                 break
         out["batch_bad_sample"] = worst
     return out
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer | None,
+                     groups: Mapping[str, list[nn.Parameter]]) -> list[dict[str, Any]] | None:
+    """Each optimizer param group's hyperparameters (``lr``, ``eps``, ``betas``, ``weight_decay``,
+    ``momentum`` where it has them), its tensor count and the named groups its parameters belong to."""
+    if optimizer is None:
+        return None
+    owner = {id(p): name for name, params in groups.items() for p in params}
+    out = []
+    for group in optimizer.param_groups:
+        item: dict[str, Any] = {"tensors": len(group["params"]),
+                                "groups": sorted({owner[id(p)] for p in group["params"] if id(p) in owner})}
+        for key in ("lr", "eps", "betas", "weight_decay", "momentum"):
+            value = group.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                item[key] = float(value)
+            elif isinstance(value, (tuple, list)):
+                item[key] = [float(v) for v in value]
+            elif isinstance(value, torch.Tensor) and value.numel() == 1:
+                item[key] = float(value)
+        out.append(item)
+    return out
+
+
+def validation_fingerprint(val_batches: Iterable[Mapping]) -> dict[str, str]:
+    """``val_batch_fingerprint``: 16 hex digits of the first validation batch (its sample ids and
+    its input pixels to 3 decimals), to check that validation scores the same data every epoch."""
+    first = next(iter(val_batches), None)
+    if first is None or not isinstance(first.get("input_image"), torch.Tensor):
+        return {}
+    ids = "\n".join(str(i) for i in first.get("image_id", []))
+    pixels = tensor_checksum(first["input_image"].detach().float(), 3)
+    return {"val_batch_fingerprint": hashlib.sha256(f"{ids}|{pixels}".encode("utf-8")).hexdigest()[:16]}
+
+
+class _IdTap:
+    """Re-iterable view of validation batches that collects their sample ids as they pass."""
+
+    def __init__(self, batches: Iterable[Mapping]) -> None:
+        self.batches = batches
+        self.ids: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        self.ids = []
+        for batch in self.batches:
+            self.ids.extend(str(i) for i in batch.get("image_id", []))
+            yield batch
 
 
 #: Images are ``[0, 1]``; resampling may overshoot by float rounding only.
