@@ -211,6 +211,7 @@ def run_debug_mode(
     plots: bool = True,
     log: Callable[[str], None] | None = None,
     groups: Mapping[str, Any] | None = None,
+    on_verdict: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run one debug mode end to end and return its report (also written to ``report.json``).
 
@@ -218,10 +219,25 @@ def run_debug_mode(
     Passing ``model`` or loaders replaces the built-in ones (loaders yield dicts with
     ``input_image`` / ``target_image`` ``(B, 3, H, W)``). ``groups`` names the parameter groups
     (``{"backbone": "net.encoder", ...}``, see :func:`~autohdr.diagnosis.instrumentation.parameter_groups`).
-    ``ValueError`` means bad usage or input.
+    ``on_verdict(report)`` is called as soon as the verdicts are judged and ``report.json`` is
+    written, before the figures and ``report.html`` (the command line prints the verdict table
+    there). ``ValueError`` means bad usage or input.
+
+    The seconds each part took are written to ``timings.json`` last (``started_unix``, ``parts_s``:
+    ``setup``, ``init_check``, ``training``, ``validation``, ``checkpoints``, ``judging``,
+    ``report_json``, ``plots``, ``report_html``) and returned under ``report["timings"]``
+    (``scripts/bench_verdict.py`` reads them).
     """
     ensure_kmp_duplicate_lib_ok()
     started = time.perf_counter()
+    started_unix = time.time()
+    parts: dict[str, float] = {}
+    clock = [started]
+
+    def lap(part: str) -> None:
+        now = time.perf_counter()
+        parts[part] = parts.get(part, 0.0) + now - clock[0]
+        clock[0] = now
     extra = dict(overrides) if isinstance(overrides, dict) else list(overrides or [])
     preset = resolve_preset(mode, extra)
     train_cfg = dataclasses.replace(preset.train, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
@@ -277,16 +293,21 @@ def run_debug_mode(
         trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
                           ground_truth=ground_truth, dist_ctx=dist_ctx, log=log, groups=groups)
         error = None
+        lap("setup")
         try:
             result = trainer.fit(init_from=init_from, resume_from=resume_from)
             interrupted = result.interrupted
         except NonFiniteLossError as exc:
             error, interrupted = str(exc), False
+        lap("fit")
+        fit_parts = {k: v for k, v in trainer.timings.items() if k != "fit"}
+        parts.update(fit_parts, training=max(0.0, parts.pop("fit") - sum(fit_parts.values())))
         report: dict[str, Any] = {}
         if dist_ctx.is_main:
             history = read_metrics(out)
             verdicts = judge(history, preset.judge)
             diagnoses = diagnose(verdicts, history, reference_lr=preset_reference_lr(mode, train_cfg.stage))
+            lap("judging")
             report = {
                 "mode": preset.mode,
                 "runbook_name": preset.runbook_name,
@@ -314,13 +335,22 @@ def run_debug_mode(
                                "judge": to_dict(preset.judge)},
             }
             (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+            lap("report_json")
+            if on_verdict is not None:
+                on_verdict(report)
+                lap("on_verdict")
             if plots:
                 from autohdr.diagnosis.plots import plot_curves, plot_triplets, run_title
                 plot_curves(history, out / "curves.png", title=run_title(report))
                 plot_triplets(trainer.core, trainer.probe_batch(), out / "triplets.png",
                               residual_active=train_cfg.spec.residual_active)
+                lap("plots")
             from autohdr.diagnosis.report_html import write_report_html
             write_report_html(out, report)  # after the figures: it inlines them
+            lap("report_html")
+            timings = {"started_unix": started_unix, "run_s": time.perf_counter() - started, "parts_s": parts}
+            (out / "timings.json").write_text(json.dumps(timings, indent=2), encoding="utf-8")
+            report = {**report, "timings": timings}
         barrier(dist_ctx)  # every rank leaves together, after rank 0 has written the report
         return report
     finally:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import sys
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -134,6 +135,17 @@ class Trainer:
         # Where an interrupted epoch stands (saved in checkpoints): interrupted.pt resumes there.
         self._steps_done_in_epoch = 0
         self._epoch_complete = True
+        #: Seconds spent per part of :meth:`fit` (``init_check``, ``validation``, ``checkpoints``; the
+        #: rest of ``fit`` is ``training``): what ``scripts/bench_verdict.py`` reports.
+        self.timings: dict[str, float] = {"init_check": 0.0, "validation": 0.0, "checkpoints": 0.0, "fit": 0.0}
+
+    @contextmanager
+    def _timed(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[part] += time.perf_counter() - started
 
     # ------------------------------------------------------------------ state kept by the hooks
     @property
@@ -208,7 +220,8 @@ class Trainer:
     def save(self, name: str) -> Path | None:
         if not self.dist.is_main:
             return None
-        return ckpt.save_atomic(self._checkpoint_payload(), self.out_dir / name)
+        with self._timed("checkpoints"):
+            return ckpt.save_atomic(self._checkpoint_payload(), self.out_dir / name)
 
     # ------------------------------------------------------------------ evaluation
     def init_check(self) -> dict:
@@ -231,6 +244,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, resume_from: str | Path | None = None, init_from: str | Path | None = None) -> TrainResult:
+        with self._timed("fit"):
+            return self._fit(resume_from=resume_from, init_from=init_from)
+
+    def _fit(self, *, resume_from: str | Path | None, init_from: str | Path | None) -> TrainResult:
         cfg = self.config
         torch.manual_seed(cfg.seed + self.dist.rank)
         start_epoch = 0
@@ -240,11 +257,13 @@ class Trainer:
             self.info(f"initialized model weights from {init_from} (stage {state.get('stage')})")
         if resume_from is not None:
             start_epoch = self._resume(resume_from)
-        self.hooks.on_train_start(self.val_loader, resume_step=self.global_step if resume_from is not None else None,
-                                  info={"amp": self.amp_enabled,
-                                        "resumed_from": str(resume_from) if resume_from else None,
-                                        "init_from": str(init_from) if init_from else None,
-                                        "start_epoch": start_epoch, "config": to_dict(cfg)})
+        with self._timed("init_check"):
+            self.hooks.on_train_start(self.val_loader,
+                                      resume_step=self.global_step if resume_from is not None else None,
+                                      info={"amp": self.amp_enabled,
+                                            "resumed_from": str(resume_from) if resume_from else None,
+                                            "init_from": str(init_from) if init_from else None,
+                                            "start_epoch": start_epoch, "config": to_dict(cfg)})
         interrupted = False
         with StopRequest(self.info, self.dist, self.device) as self._stop:
             try:
@@ -270,8 +289,9 @@ class Trainer:
         final = epoch == self.config.epochs - 1
         record = None
         if final or (epoch + 1) % self.config.validation_interval == 0:
-            self._sync_buffers()
-            record = self.hooks.on_validation(self.val_loader, final=final)
+            with self._timed("validation"):
+                self._sync_buffers()
+                record = self.hooks.on_validation(self.val_loader, final=final)
         if self.schedule_total_steps is None:
             self._learn_schedule_length(self._steps_done_in_epoch)
         self._epoch_complete, self._steps_done_in_epoch = True, 0
