@@ -334,3 +334,63 @@ def test_a_model_with_a_wrong_output_key_is_named(tmp_path, capsys):
     assert line.startswith("autohdr: error: ") and "Traceback" not in err
     assert "must return a dict with 'params'" in line
     assert "got a dict with 'parameters', 'flow' but no 'params'" in line and "WrongKey" in line
+
+
+# ---------------------------------------------------------------------------- data-range errors name the sample
+
+def _batch(values: list[float], ids=("a", "b"), paths=True) -> dict:
+    import torch
+    image = torch.stack([torch.full((3, 4, 4), v) for v in values])
+    batch = {"input_image": image, "target_image": image.clamp(0, 1), "image_id": list(ids)}
+    if paths:
+        batch["input_path"] = [f"/data/{i}_original.jpg" for i in ids]
+    return batch
+
+
+class TestBatchRange:
+    def test_a_batch_in_range_passes(self):
+        from autohdr.data.dataset import batch_range_problem
+        assert batch_range_problem(_batch([0.0, 1.0]), "validation batch 0") is None
+        assert batch_range_problem(_batch([1.0005, -0.0005]), "validation batch 0") is None  # float rounding
+
+    def test_a_sample_in_0_255_is_named_with_its_file(self):
+        from autohdr.data.dataset import batch_range_problem
+        line = batch_range_problem(_batch([0.5, 164.0]), "validation batch 3")
+        assert line == ("validation batch 3, sample 1 (b, /data/b_original.jpg): input values in [164, 164], "
+                        "expected [0, 1] (images in 0-255? divide by 255)")
+
+    def test_a_nan_without_ids_is_named_by_position(self):
+        from autohdr.data.dataset import batch_range_problem
+        batch = _batch([0.5, float("nan")], paths=False)
+        del batch["image_id"]
+        assert batch_range_problem(batch, "validation batch 0") == (
+            "validation batch 0, sample 1: input holds non-finite values (NaN or inf)")
+
+    @pytest.mark.parametrize("bad_batch", [0, 2], ids=["in-the-probe", "after-the-probe"])
+    def test_a_run_whose_validation_inputs_are_0_255_names_batch_sample_and_file(self, tmp_path, bad_batch):
+        """The reported case: inputs in 0-255 read "pred must have values in [0, 1]"; now the batch,
+        the sample and its file are named (the probe holds the first 4 samples: batches 0 and 1)."""
+        from autohdr.diagnosis.debug import build_loaders, run_debug_mode, select_rows
+        from autohdr.diagnosis.presets import load_preset
+        from tests.cli_factories import small_model
+        overrides = {"data.num_pairs": 6, "data.batch_size": 2, "data.resize_hw": [64, 64]}
+        preset = load_preset("stage2_probe", overrides)
+        train_rows, val_rows = select_rows(default_fixture_root(), preset.data)
+        train_loader, val_loader = build_loaders(train_rows, val_rows, preset.data, 0)
+
+        class ScaledBatch:  # one validation batch in 0..255 (a forgotten division on one path)
+            def __len__(self):
+                return len(val_loader)
+
+            def __iter__(self):
+                for index, batch in enumerate(val_loader):
+                    yield {**batch, "input_image": batch["input_image"] * 255.0} if index == bad_batch else batch
+
+        with pytest.raises(DataError) as info:
+            run_debug_mode("stage2_probe", model=small_model(), train_loader=train_loader, val_loader=ScaledBatch(),
+                           out_dir=tmp_path / "run", device="cpu", overrides=overrides, epochs=1, plots=False)
+        message = str(info.value)
+        sample_id = val_rows["image_id"].iloc[2 * bad_batch]
+        assert message.startswith(f"validation batch {bad_batch}")
+        assert f"sample 0 ({sample_id}, " in message and f"{sample_id}_original" in message
+        assert "divide by 255" in message and "pred" not in message

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -280,6 +280,50 @@ def validate_pairs(rows: pd.DataFrame, max_check: int | None = None, *, decode: 
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(f"{len(problems)} problem(s) in {len(subset)} checked pair(s):\n  - {shown}{more}")
     return len(subset)
+
+
+# ----------------------------------------------------------------------------- batches
+
+#: Images are ``[0, 1]``; resampling may overshoot by float rounding only.
+BATCH_RANGE_TOLERANCE = 1e-3
+
+
+def _at(batch: Mapping, key: str, index: int) -> Any:
+    values = batch.get(key)
+    return values[index] if isinstance(values, (list, tuple)) and index < len(values) else None
+
+
+def batch_range_problem(batch: Mapping, where: str) -> str | None:
+    """One line naming the first sample of ``batch`` (``input_image`` / ``target_image`` ``(B, 3, H, W)``)
+    whose input or target is outside ``[0, 1]`` or not finite, with ``where`` (e.g. ``"validation
+    batch 3"``), its id and file when the batch carries them; ``None`` when the batch is good."""
+    images = [(role, batch.get(key)) for role, key in (("input", "input_image"), ("target", "target_image"))]
+    images = [(role, x) for role, x in images if hasattr(x, "shape") and len(x.shape) == 4]
+    tol = BATCH_RANGE_TOLERANCE
+    if all(bool(x.isfinite().all()) and float(x.amin()) >= -tol and float(x.amax()) <= 1 + tol for _, x in images):
+        return None
+    for index in range(int(images[0][1].shape[0])):
+        for role, x in images:
+            sample = x[index]
+            finite = bool(sample.isfinite().all())
+            low, high = float(sample.nan_to_num(0.5).amin()), float(sample.nan_to_num(0.5).amax())
+            if finite and low >= -tol and high <= 1 + tol:
+                continue
+            name = _at(batch, "image_id", index)
+            path = _at(batch, f"{role}_path", index)
+            who = ", ".join(str(v) for v in (name, path) if v is not None)
+            what = ("holds non-finite values (NaN or inf)" if not finite else
+                    f"values in [{low:.4g}, {high:.4g}], expected [0, 1]"
+                    + (" (images in 0-255? divide by 255)" if high > 1.5 else ""))
+            return f"{where}, sample {index}{f' ({who})' if who else ''}: {role} {what}"
+    return None
+
+
+def check_batch_range(batch: Mapping, where: str) -> None:
+    """Raise :class:`~autohdr.data.pairs.DataError` with :func:`batch_range_problem`'s line, if any."""
+    problem = batch_range_problem(batch, where)
+    if problem:
+        raise DataError(problem)
 
 
 # ----------------------------------------------------------------------------- dataset and loader

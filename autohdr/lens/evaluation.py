@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autohdr.data.dataset import check_batch_range
 from autohdr.lens.geometry import ALIGN_CORNERS, PARAM_NAMES, WarpResult, apply_correction, identity_params
 from autohdr.lens.proxy import proxy_score_batch
 
@@ -217,6 +218,7 @@ def score_subset(
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
+            check_batch_range(batch, f"validation batch {index}")  # names the sample, before the proxy would
             image = batch["input_image"].to(device, non_blocking=True)
             target = batch["target_image"].to(device, non_blocking=True)
             count = image.shape[0]
