@@ -172,9 +172,11 @@ def _data_out_of_range(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis
         return []
     history = run.history
     step = _numbers(history, "step").reindex(history.index)
-    sample = _first(verdict.evidence, "sample_id", "sample_ids", "first_sample_id", "image_id", "image_ids")
+    bad_sample = verdict.evidence.get("first_bad_sample")
+    sample = (bad_sample.get("image_id") or f"#{bad_sample.get('index')}") if isinstance(bad_sample, dict) else None
     where = f", sample {sample}" if sample is not None else ""
-    claims = ("batches_in_range", "finite", "clipping_sane", "loss_decreases", "param_head_not_saturated")
+    claims = ("batches_in_range", "finite", "clipping_sane", "loss_decreases", "param_head_not_saturated",
+              "train_val_agree", "logged_quantities_agree", *BASELINE_SIGNALS)
     runbook = "Preconditions: the dataset and the inputs it yields"
     nonfinite = _numbers(history, "batch_nonfinite")
     nonfinite = nonfinite[nonfinite > 0]
@@ -277,6 +279,8 @@ def _diverged(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
 def _clip_too_tight(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
     """Clipping on most steps because the clip norm sits far below the typical gradient norm."""
     clip = _config(run.history).get("grad_clip_norm")
+    if clip is None and len(_numbers(_rows(run.history, "train_step"), "clip_norm")):
+        clip = float(_numbers(_rows(run.history, "train_step"), "clip_norm").median())  # a loop without a config
     norms = _numbers(_rows(run.history, "train_step"), "grad_norm_total")
     if "clipping_sane" not in bad or clip is None or not len(norms):
         return []
@@ -355,6 +359,11 @@ def _eval_differs(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
          "evaluation is random: dropout or another random op stays active at eval (the same probe gave different "
          "outputs twice; is model.eval() reaching every module?)", ("eval_deterministic", "ranks_in_sync"),
          "the eval_deterministic evidence (probe evaluated twice)", "New Diagnostics: validation probe"),
+        ("eval_flow_matches_train", "eval_residual_off",
+         "the residual differs between training and evaluation (its flow points elsewhere in eval mode)",
+         ("eval_flow_matches_train", "eval_residual_matches_train", "residual_helps", *BASELINE_SIGNALS),
+         "probe_flow_cosine_train_eval and the probe flow checksums per val_epoch",
+         "Debug Modes: stage 2 residual probe"),
         ("eval_residual_matches_train", "eval_residual_off",
          "the residual differs between training and evaluation (on in training, off or rescaled at eval)",
          ("eval_residual_matches_train", "residual_helps", *BASELINE_SIGNALS),
@@ -383,8 +392,289 @@ def _residual_hurts(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
                       "Debug Modes: stage 2 residual probe")
 
 
-RULES: tuple[Rule, ...] = (_data_out_of_range, _pairs_mismatched, _batch_repeats, _learning_rate_zero, _diverged,
-                           _clip_too_tight, _frozen_group, _optimizer_mismatch, _eval_differs, _residual_hurts)
+# ---------------------------------------------------------------------------- rules on recorded settings and figures
+
+#: What each rule reads from the history: ``kind.field`` (``run_start.config.*`` for config keys).
+#: tests/test_causes.py checks that a real run writes every one of them.
+RULE_READS: dict[str, tuple[str, ...]] = {}
+
+
+def reads(*keys: str):
+    """Declare the ``kind.field`` evidence keys a rule reads (see :data:`RULE_READS`)."""
+    def mark(rule):
+        RULE_READS[rule.__name__] = keys
+        return rule
+    return mark
+
+
+#: A first training loss this many times identity's loss at init: summed, not averaged.
+LOSS_SUMMED_FACTOR = 50.0
+#: A loss weight this many times the preset's (or 1 / this) is off the preset by orders of magnitude.
+LOSS_WEIGHT_FACTOR = 10.0
+#: Adam's eps at or above this swamps sqrt(v) for typical gradients (default 1e-8).
+ADAM_EPS_MAX = 1e-4
+#: Decoupled weight decay at or above this pulls the weights to 0 faster than any gradient moves them.
+WEIGHT_DECAY_MAX = 1.0
+#: Parameters at their bounds on at least this share of a step, within the first STEPS_EARLY_FRAC of the run.
+SATURATED_FRAC = 0.5
+STEPS_EARLY_FRAC = 0.25
+SATURATED_EARLY_STEPS = 10
+
+NOT_LEARNING = ("loss_decreases", "scores_move", "probe_checksums_change", *BASELINE_SIGNALS,
+                "params_track_ground_truth", "backbone_learning")
+
+
+def _start(history: pd.DataFrame, name: str) -> Any:
+    start = _rows(history, "run_start")
+    if start.empty or name not in start.columns:
+        return None
+    return start.iloc[-1][name]
+
+
+def _first_loss_factor(history: pd.DataFrame) -> float | None:
+    init = _rows(history, "init")
+    loss = _numbers(_rows(history, "train_step"), "loss")
+    if init.empty or not len(loss):
+        return None
+    reference = pd.to_numeric(pd.Series([init.iloc[-1].get("identity_loss")]), errors="coerce").iloc[0]
+    if not (pd.notna(reference) and reference > 0):
+        return None
+    return float(loss.iloc[0]) / float(reference)
+
+
+@reads("init.identity_loss", "train_step.loss")
+def _loss_summed(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The first training loss is orders of magnitude above identity's loss at init (measured with
+    the hooks' loss function): a loss summed over pixels or samples instead of averaged."""
+    factor = _first_loss_factor(run.history)
+    if factor is None or factor < LOSS_SUMMED_FACTOR:
+        return []
+    return _diagnosis("loss_summed", f"the training loss starts at {factor:.0f}x identity's loss at init: it is summed "
+                      "over pixels or samples instead of averaged (use .mean(), or divide by the count)", bad,
+                      ("logged_quantities_agree", "train_val_agree", "clipping_sane", "finite", "param_head_not_saturated",
+                       *NOT_LEARNING), "train_step loss (first step) vs init identity_loss",
+                      "Good vs Bad Signals")
+
+
+def _optimizer_groups(history: pd.DataFrame) -> list[dict[str, Any]]:
+    groups = _start(history, "optimizer_groups")
+    return [g for g in groups if isinstance(g, dict)] if isinstance(groups, list) else []
+
+
+def _zero_lr_groups(history: pd.DataFrame) -> list[tuple[int, dict[str, Any]]]:
+    """Optimizer param groups whose lr is 0 on most steps (``lr_groups``; else the lr at run_start)
+    while another group's is not."""
+    groups = _optimizer_groups(history)
+    if len(groups) < 1:
+        return []
+    steps = _rows(history, "train_step")
+    per_step = steps["lr_groups"].dropna() if "lr_groups" in steps.columns else pd.Series(dtype=object)
+    per_step = per_step[per_step.map(lambda v: isinstance(v, list) and len(v) == len(groups))]
+    out = []
+    for index, group in enumerate(groups):
+        if len(per_step):
+            zero = float(per_step.map(lambda v: float(v[index]) <= 0).mean()) > 0.5
+        else:
+            zero = float(group.get("lr", 1.0)) <= 0
+        if zero:
+            out.append((index, group))
+    return out if len(out) < len(groups) else []
+
+
+@reads("run_start.optimizer_groups", "train_step.lr_groups")
+def _group_lr_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """One optimizer param group at lr 0 while the others learn: its parameters get gradients and
+    never move."""
+    zero = _zero_lr_groups(run.history)
+    named = sorted({name for _, group in zero for name in group.get("groups", [])})
+    if not zero:
+        return []
+    claims = ["groups_move_with_gradients", *[s for s, g in GROUP_SIGNALS.items() if g in named]]
+    if "param_head" in named:
+        claims += [*NOT_LEARNING, "probe_tracks_updates", *RESIDUAL_KNOCK_ON]
+    which = ", ".join(f"param group {i} ({'/'.join(g.get('groups', [])) or 'unnamed'})" for i, g in zero)
+    return _diagnosis("group_lr_zero", f"{which} has lr 0 while the others learn: its parameters get gradients but "
+                      "never move; give it a learning rate (the others' or its intended share)", bad, claims,
+                      "run_start optimizer_groups and train_step lr_groups", "New Diagnostics: parameter deltas")
+
+
+@reads("train_step.lr", "train_step.lr_groups")
+def _lr_schedule_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The lr is (near) 0 on most steps although its peak is not: the schedule ends before the run."""
+    verdict = bad.get("lr_not_mostly_zero")
+    if verdict is None or not float(verdict.evidence.get("peak_lr") or 0) > 0:
+        return []
+    first = verdict.evidence.get("first_zero_step")
+    return _diagnosis("lr_schedule_zero", f"the learning rate is (near) 0 on {verdict.evidence['zero_lr_frac']:.0%} of "
+                      f"steps from step {first} (peak {verdict.evidence['peak_lr']:g}): the schedule is sized shorter "
+                      "than the run or decays to 0; size it to epochs x steps per epoch with a floor (~0.1 x peak)",
+                      bad, ("lr_not_mostly_zero", "groups_move_with_gradients", "probe_tracks_updates", *NOT_LEARNING,
+                            *RESIDUAL_KNOCK_ON, *GROUP_SIGNALS),
+                      "train_step lr / lr_groups", "Good vs Bad Signals: proxy and probe scores must move")
+
+
+@reads("train_step.grad_norm_*", "train_step.param_delta_*", "train_step.lr")
+def _update_skipped(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Every group with a gradient stays still at a non-zero lr: the update never happens."""
+    verdict = bad.get("groups_move_with_gradients")
+    if verdict is None:
+        return []
+    still = set(verdict.evidence.get("still_groups", []))
+    with_grad = {g for g, v in verdict.evidence.items() if isinstance(v, dict) and v.get("steps_with_grad")}
+    lr = _numbers(_rows(run.history, "train_step"), "lr")
+    if not still or still != with_grad or (len(lr) and not float(lr.max()) > 0):
+        return []
+    return _diagnosis("update_skipped", f"every group gets gradients but none moves ({', '.join(sorted(still))}): the "
+                      "gradients are cleared (zero_grad) or replaced between backward and optimizer.step(), step() "
+                      "is not called, or the optimizer holds other tensors than the model's", bad,
+                      ("groups_move_with_gradients", "probe_tracks_updates", *NOT_LEARNING, *GROUP_SIGNALS,
+                       *RESIDUAL_KNOCK_ON), "grad_norm_<group> vs param_delta_<group> per train_step",
+                      "New Diagnostics: gradient norms and parameter deltas per group")
+
+
+@reads("run_start.optimizer_groups")
+def _optimizer_hparams(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """An optimizer hyperparameter far from any working value (Adam's eps, weight decay)."""
+    off = []
+    for index, group in enumerate(_optimizer_groups(run.history)):
+        eps, decay = group.get("eps"), group.get("weight_decay")
+        if isinstance(eps, float) and eps >= ADAM_EPS_MAX:
+            off.append(f"eps={eps:g} in param group {index} (Adam's default 1e-8; steps shrink to ~lr x grad / eps)")
+        if isinstance(decay, float) and decay >= WEIGHT_DECAY_MAX:
+            off.append(f"weight_decay={decay:g} in param group {index} (AdamW's typical 1e-4 to 0.1; the weights are "
+                       "pulled to 0 every step)")
+    if not off:
+        return []
+    return _diagnosis("optimizer_hparams", "optimizer hyperparameter(s) far off: " + "; ".join(sorted(set(off))), bad,
+                      ("groups_move_with_gradients", "train_val_agree", *NOT_LEARNING, *RESIDUAL_KNOCK_ON),
+                      "run_start optimizer_groups", "Good vs Bad Signals")
+
+
+@reads("run_start.config.loss_weights")
+def _loss_weights_off(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """A loss weight orders of magnitude from the preset's (the defaults of LossWeights)."""
+    from autohdr.lens.losses import LossWeights
+    weights = _config(run.history).get("loss_weights")
+    if not isinstance(weights, dict):
+        return []
+    reference = asdict(LossWeights())
+    off = []
+    for name, value in weights.items():
+        base = reference.get(name)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if base and value > 0 and not 1 / LOSS_WEIGHT_FACTOR < value / base < LOSS_WEIGHT_FACTOR:
+            off.append(f"train.loss_weights.{name}={value:g} ({value / base:.3g}x the preset's {base:g})")
+    if not off:
+        return []
+    return _diagnosis("loss_weights_off_preset", "loss weight(s) far from the preset's: " + "; ".join(off) + "; bring "
+                      "them back within 10x of the preset's", bad,
+                      ("clipping_sane", "param_head_not_saturated", "eval_residual_matches_train", "train_val_agree",
+                       *RESIDUAL_KNOCK_ON, *NOT_LEARNING, "residual_head_learning"),
+                      "run_start config.loss_weights and the loss components per train_step", "Good vs Bad Signals")
+
+
+@reads("train_step.params_at_bound_frac", "train_step.lr")
+def _lr_saturates_head(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The bounded parameters reach their bounds within the first quarter of the run: steps too
+    large for the bounded (tanh) head."""
+    if "param_head_not_saturated" not in bad:
+        return []
+    steps = _rows(run.history, "train_step")
+    at_bound = _numbers(steps, "params_at_bound_frac")
+    if not len(at_bound):
+        return []
+    reached = at_bound[at_bound >= SATURATED_FRAC]
+    early = max(SATURATED_EARLY_STEPS, int(len(at_bound) * STEPS_EARLY_FRAC))
+    position = list(at_bound.index).index(reached.index[0]) if len(reached) else None
+    if position is None or position >= early or float(at_bound.iloc[0]) >= SATURATED_FRAC:
+        return []  # saturated from the first step: an offset of the head, not the size of the steps
+    lr = _numbers(steps, "lr")
+    peak = float(lr.max()) if len(lr) else None
+    versus = (f", {peak / run.reference_lr:.3g}x the preset's {run.reference_lr:g}" if peak and run.reference_lr else "")
+    setting = f"lr {peak:g}{versus}" if peak else "the learning rate"
+    return _diagnosis("lr_saturates_head", f"the predicted parameters reach their bounds by step {position + 1} of "
+                      f"{len(at_bound)} ({setting}): the steps are too large for the bounded (tanh) head; lower the "
+                      "learning rate about 10x", bad,
+                      ("param_head_not_saturated", "clipping_sane", "train_val_agree", *NOT_LEARNING),
+                      "train_step params_at_bound_frac and lr", "Good vs Bad Signals")
+
+
+@reads("val_epoch.val_batch_fingerprint")
+def _val_random(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Validation scores different data each epoch (``val_batches_repeat``)."""
+    verdict = bad.get("val_batches_repeat")
+    if verdict is None:
+        return []
+    return _diagnosis("val_random", f"validation is not the same each epoch: {verdict.detail}; switch augmentation and "
+                      "shuffling off in the validation loader", bad,
+                      ("val_batches_repeat", "scores_move", "train_val_agree", "params_track_ground_truth",
+                       *BASELINE_SIGNALS), "val_epoch val_batch_fingerprint", "New Diagnostics: validation probe")
+
+
+@reads("val_epoch.val_loss", "val_epoch.train_epoch_loss_mean", "val_epoch.pred_gt_corr_k1")
+def _train_val_disagree(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Training and validation see the same samples and disagree (``train_val_agree``): validation
+    worse -> the eval path is another model; training worse -> training's inputs or targets are
+    changed, mispaired when the predictions also anti-correlate with the ground truth."""
+    verdict = bad.get("train_val_agree")
+    if verdict is None:
+        return []
+    ratio = float(verdict.evidence.get("ratio", 1.0))
+    claims = ("train_val_agree", "params_track_ground_truth", "probe_tracks_updates", "scores_move", "loss_decreases",
+              *BASELINE_SIGNALS)
+    look = "val_epoch val_loss vs train_epoch_loss_mean (the same samples)"
+    if ratio > 1:
+        return _diagnosis("eval_differs_from_train", f"evaluation runs a different model than training: {verdict.detail}"
+                          " (an EMA or cached copy, normalization statistics, an eval-only branch)", bad, claims, look,
+                          "Good vs Bad Signals")
+    wrong_lens = bad.get("params_track_ground_truth")
+    if wrong_lens is not None:
+        return _diagnosis("train_pairs_mismatched", f"training targets do not belong to their inputs: {verdict.detail}"
+                          f", and {wrong_lens.detail} (validation pairs are right)", bad, claims, look,
+                          "Preconditions: the dataset and the inputs it yields")
+    return _diagnosis("train_augmentation_mismatch", f"training inputs and targets are transformed differently from "
+                      f"validation's: {verdict.detail} (a geometric augmentation on one side of the pair, or a "
+                      "normalization only in training)", bad, claims, look, "Preconditions: the dataset")
+
+
+@reads("val_epoch.pred_gt_corr_k1", "val_epoch.pred_gt_corr_s")
+def _wrong_lens(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Predictions anti-correlated with ground truth while nothing else explains it."""
+    verdict = bad.get("params_track_ground_truth")
+    if verdict is None:
+        return []
+    return _diagnosis("wrong_lens", f"the model learns another lens than the data's: {verdict.detail} (a sign or axis "
+                      "convention of the loss or the targets)", bad, ("params_track_ground_truth", *BASELINE_SIGNALS),
+                      "val_epoch pred_gt_corr_*", "Debug Modes: overfit stage 1")
+
+
+@reads("train_step.grad_norm_total", "train_step.grad_norm_*", "init.identity_loss")
+def _metric_wiring(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Logged figures contradict each other (``logged_quantities_agree``) and no setting explains it."""
+    verdict = bad.get("logged_quantities_agree")
+    if verdict is None:
+        return []
+    return _diagnosis("metric_wiring", f"the loop logs figures that are not this step's: {verdict.detail}; pass the "
+                      "norm clip_grad_norm_ returns after backward, and the loss that was backpropagated", bad,
+                      ("logged_quantities_agree",), "train_step grad_norm_total vs grad_norm_<group>; loss vs init",
+                      "New Diagnostics: gradient norms")
+
+
+for _rule, _keys in {"_data_out_of_range": ("train_step.batch_nonfinite", "train_step.batch_min", "train_step.batch_max",
+                                             "train_step.batch_bad_sample"),
+                     "_learning_rate_zero": ("train_step.lr", "run_start.config.lr"),
+                     "_clip_too_tight": ("run_start.config.grad_clip_norm", "train_step.grad_norm_total"),
+                     "_frozen_group": ("train_step.grad_norm_*",),
+                     "_eval_differs": ("val_epoch.probe_pred_checksum", "val_epoch.probe_flow_cosine_train_eval")}.items():
+    RULE_READS.setdefault(_rule, _keys)
+
+RULES: tuple[Rule, ...] = (_data_out_of_range, _pairs_mismatched, _batch_repeats, _loss_summed, _learning_rate_zero,
+                           _lr_schedule_zero, _group_lr_zero, _update_skipped, _optimizer_hparams, _loss_weights_off,
+                           _diverged, _lr_saturates_head, _clip_too_tight, _frozen_group, _optimizer_mismatch,
+                           _val_random, _eval_differs, _train_val_disagree, _residual_hurts, _wrong_lens, _metric_wiring)
 
 
 def diagnose(verdicts: list[Verdict], history: pd.DataFrame, *, reference_lr: float | None = None) -> list[Diagnosis]:

@@ -56,6 +56,17 @@ class JudgeConfig:
     init_ulps: float = 4.0                  # init prediction and loss may differ from identity's by this many
                                             # float32 steps of the grid (see float32_warp_tolerance)
     init_proxy_atol: float = 1e-3           # init proxy total may differ from identity's by this much
+    group_move_min_steps: int = 4           # a group "moving without gradient" needs this many steps to judge
+    norm_agree_rtol: float = 0.01           # grad_norm_total may fall below a group's norm by this fraction
+    loss_init_max_factor: float = 10.0      # first training loss vs identity's loss at init: within this factor
+    train_val_min_ratio: float = 0.75       # val / training loss on the same samples (healthy 0.91-0.98)
+    train_val_max_ratio: float = 1.3
+    train_val_min_validations: int = 3      # the first epochs change the model too fast to compare
+    gt_corr_floor: float = 0.0              # k1 / s prediction-truth correlation floor (healthy >= +0.47)
+    gt_corr_min_steps: int = 8              # fewer steps: the correlation is noise
+    eval_flow_min_cosine: float = 0.5       # train vs eval residual flow cosine (healthy 1.0)
+    lr_zero_rel: float = 1e-3               # lr at or below this fraction of the peak counts as zero
+    lr_zero_max_frac: float = 0.25          # share of steps allowed at (near) zero lr
 
 
 #: Start of the detail of a signal that raised on its history (judged ``n/a``, see :func:`judge`).
@@ -783,6 +794,248 @@ def ranks_in_sync(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
                    evidence)
 
 
+# ---------------------------------------------------------------------------- invariants any healthy run keeps
+
+def _lr_per_step(steps: pd.DataFrame) -> pd.Series | None:
+    """The highest learning rate of any param group at each step (``lr_groups``; else ``lr``)."""
+    if "lr_groups" in steps.columns:
+        values = steps["lr_groups"].map(lambda v: max((_as_float(x) for x in v), default=math.nan)
+                                        if isinstance(v, (list, tuple)) else _as_float(v))
+        values = values.dropna()
+        if len(values):
+            return values.astype(float)
+    return _column(steps, "lr")
+
+
+def groups_move_with_gradients(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: a group that gets a gradient does not move (a param group at lr 0, gradients cleared
+    between backward and step), or a group moves that never had a gradient (something other than
+    the optimizer writes its weights).
+
+    Per group with both ``grad_norm_<group>`` and ``param_delta_<group>``: the share of steps with a
+    non-zero gradient and a zero update, and the share of steps with an update while the group never
+    had a gradient so far (Adam's momentum keeps moving a group whose gradient stops, so steps after
+    its first gradient do not count). Healthy runs: 0 % of both at 1 to 352 steps (weight decay alone
+    moves a group without gradient on the very first step, hence ``group_move_min_steps``).
+    """
+    steps = _rows(history, "train_step")
+    groups = sorted(c[len("grad_norm_"):] for c in steps.columns
+                    if c.startswith("grad_norm_") and c != "grad_norm_total" and f"param_delta_{c[len('grad_norm_'):]}"
+                    in steps.columns)
+    if not groups:
+        return Verdict("groups_move_with_gradients", None, "no gradient norms and parameter deltas per group recorded")
+    evidence: dict[str, Any] = {"allowed_frac": cfg.group_zero_grad_max_frac}
+    still, ghost = [], []
+    for group in groups:
+        pair = pd.DataFrame({"grad": numeric_series(steps[f"grad_norm_{group}"]),
+                             "delta": numeric_series(steps[f"param_delta_{group}"])}).dropna()
+        if pair.empty:
+            continue
+        with_grad = pair["grad"] > 0
+        frac_still = float((with_grad & (pair["delta"] == 0)).sum() / max(1, with_grad.sum())) if with_grad.any() else 0.0
+        never_yet = ~with_grad.cummax()
+        frac_ghost = float((never_yet & (pair["delta"] > 0)).mean())
+        evidence[group] = {"steps_with_grad": int(with_grad.sum()), "still_with_grad_frac": frac_still,
+                           "moved_without_grad_frac": frac_ghost}
+        if with_grad.sum() and frac_still > cfg.group_zero_grad_max_frac:
+            still.append(group)
+        if len(pair) >= cfg.group_move_min_steps and frac_ghost > cfg.group_zero_grad_max_frac:
+            ghost.append(group)
+    evidence["still_groups"], evidence["ghost_groups"] = still, ghost
+    problems = [f"{g} gets a gradient but does not move on {evidence[g]['still_with_grad_frac']:.0%} of those steps"
+                for g in still]
+    problems += [f"{g} moves without ever getting a gradient on {evidence[g]['moved_without_grad_frac']:.0%} of steps"
+                 for g in ghost]
+    if problems:
+        return Verdict("groups_move_with_gradients", False, "; ".join(problems), evidence)
+    return Verdict("groups_move_with_gradients", True, f"every group with a gradient moves ({', '.join(groups)})",
+                   evidence)
+
+
+def logged_quantities_agree(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: logged figures contradict each other.
+
+    * ``grad_norm_total`` is at least the groups' combined norm ``sqrt(sum grad_norm_<group>^2)`` (the
+      groups are disjoint parts of the total) on every step: healthy runs equal it to float
+      rounding (tolerance ``norm_agree_rtol``, 1 %).
+    * The first reported training loss is of the order of the loss the hooks' own loss function
+      gives the identity warp at init (``init.identity_loss``): healthy 0.90x on the fixtures
+      (different samples, so not equal); allowed within ``loss_init_max_factor`` (10x) either way.
+    * The probe changes between two validations only if some parameter moved between them.
+    """
+    steps = _rows(history, "train_step")
+    evidence: dict[str, Any] = {}
+    problems = []
+    total = _column(steps, "grad_norm_total")
+    group_cols = [c for c in steps.columns if c.startswith("grad_norm_") and c != "grad_norm_total"]
+    if total is not None and group_cols:
+        groups = steps.loc[total.index, group_cols].apply(numeric_series).fillna(0.0)
+        combined = groups.pow(2).sum(axis=1).pow(0.5)  # the groups are disjoint parts of the total
+        short = total < combined * (1 - cfg.norm_agree_rtol) - 1e-8
+        evidence.update({"total_below_groups_steps": int(short.sum()), "steps_compared": int(len(total))})
+        if short.any():
+            first = short.idxmax()
+            problems.append(f"grad_norm_total {total[first]:.4g} is below the groups' combined norm "
+                            f"{combined[first]:.4g} on {int(short.sum())} of {len(total)} steps (a total norm taken "
+                            "before backward, or over other tensors)")
+    init = _rows(history, "init")
+    loss = _column(steps, "loss")
+    if not init.empty and loss is not None and not _flag(init.iloc[-1].get("from_checkpoint")):
+        reference = _as_float(init.iloc[-1].get("identity_loss"))
+        if math.isfinite(reference) and reference > 0 and math.isfinite(float(loss.iloc[0])):
+            factor = float(loss.iloc[0]) / reference
+            evidence.update({"first_loss": float(loss.iloc[0]), "init_identity_loss": reference,
+                             "first_loss_factor": factor, "allowed_factor": cfg.loss_init_max_factor})
+            if not 1 / cfg.loss_init_max_factor <= factor <= cfg.loss_init_max_factor:
+                problems.append(f"the first reported loss {loss.iloc[0]:.4g} is {factor:.3g}x the loss the hooks' "
+                                f"loss function gives identity at init ({reference:.4g})")
+    val = _rows(history, "val_epoch")
+    delta_cols = [c for c in steps.columns if c.startswith("param_delta_")]
+    if _column(val, "probe_pred_checksum") is not None and len(val) >= 2 and delta_cols:
+        moved = steps[delta_cols].apply(numeric_series).fillna(0).sum(axis=1)
+        val = val.sort_values("step")
+        ghost = []
+        for (_, prev), (_, cur) in zip(val.iloc[:-1].iterrows(), val.iloc[1:].iterrows()):
+            between = moved[(steps["step"] > prev["step"]) & (steps["step"] <= cur["step"])]
+            if len(between) and between.sum() == 0 and prev["probe_pred_checksum"] != cur["probe_pred_checksum"]:
+                ghost.append(_as_int(cur.get("epoch"), None))
+        evidence["probe_changed_without_update_epochs"] = ghost
+        if ghost:
+            problems.append(f"the probe changed at epochs {ghost} although no parameter moved before them")
+    if not evidence:
+        return Verdict("logged_quantities_agree", None, "nothing to cross-check (no gradient norms, init or probe)")
+    if problems:
+        return Verdict("logged_quantities_agree", False, "; ".join(problems), evidence)
+    return Verdict("logged_quantities_agree", True, "gradient norms, losses and probe changes agree", evidence)
+
+
+def train_val_agree(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad (train == val): the validation loss of the same samples is far from the last epoch's
+    training loss: an evaluation path that differs from training (normalization statistics, weights
+    that are not the trained ones) or training inputs transformed differently from validation's.
+
+    Judged at the last validation when its samples are exactly the training epoch's
+    (``val_ids_match_train``), from ``train_val_min_validations`` validations on (the model changes
+    fast in the first epochs). Ratio ``val_loss / train_epoch_loss_mean``, healthy at the last
+    validation 0.91-0.98 (fixtures, 8 pairs, 4 epochs) and 0.64-1.16 in the first epochs; allowed
+    [``train_val_min_ratio`` 0.75, ``train_val_max_ratio`` 1.3].
+    """
+    val = _rows(history, "val_epoch")
+    if _column(val, "train_epoch_loss_mean") is None or "val_ids_match_train" not in val.columns:
+        return Verdict("train_val_agree", None, "no per-epoch training loss beside validation recorded")
+    last = val.dropna(subset=["train_epoch_loss_mean"]).iloc[-1]
+    if not _flag(last.get("val_ids_match_train")):
+        return Verdict("train_val_agree", None, "validation samples are not the training epoch's: nothing to compare")
+    if len(val) < cfg.train_val_min_validations:
+        return Verdict("train_val_agree", None, f"needs >= {cfg.train_val_min_validations} validations, got {len(val)}")
+    val_loss, train_loss = _as_float(last.get("val_loss")), _as_float(last.get("train_epoch_loss_mean"))
+    ratio = val_loss / train_loss if train_loss > 0 else math.nan
+    evidence = {"val_loss": val_loss, "train_epoch_loss_mean": train_loss, "ratio": ratio,
+                "allowed": [cfg.train_val_min_ratio, cfg.train_val_max_ratio], "epoch": _as_int(last.get("epoch"), None)}
+    if not math.isfinite(ratio):
+        return Verdict("train_val_agree", None, "losses not finite: see finite", evidence)
+    if not cfg.train_val_min_ratio <= ratio <= cfg.train_val_max_ratio:
+        side = ("validation scores the same samples worse than training: is eval a different model (weights, "
+                "normalization statistics)?" if ratio > 1 else
+                "training loses more on the same samples than validation: are training inputs or targets "
+                "changed (augmentation on one side, mispaired, a loss scaled differently)?")
+        return Verdict("train_val_agree", False, f"val loss {val_loss:.4g} vs training loss {train_loss:.4g} on the "
+                                                 f"same samples ({ratio:.2f}x): {side}", evidence)
+    return Verdict("train_val_agree", True, f"val loss {val_loss:.4g} vs training loss {train_loss:.4g} on the same "
+                                            f"samples ({ratio:.2f}x)", evidence)
+
+
+def params_track_ground_truth(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad (with ground truth, in modes that must learn each image's lens): the predicted k1 or s
+    does not correlate positively with the truth at the last validation (``pred_gt_corr_*``).
+
+    Healthy: k1 +0.57 to +0.76, s +0.47 to +0.55 (fixtures; 8 steps to the full overfit run); a loss
+    that learns the wrong lens -0.50. Floor ``gt_corr_floor`` (0: a model that learned anything about
+    the lens correlates positively). Below ``gt_corr_min_steps`` training steps the correlation is
+    noise (healthy -0.09 after 2 steps): n/a.
+    """
+    val = _rows(history, "val_epoch")
+    present = [p for p in ("k1", "s") if _column(val, f"pred_gt_corr_{p}") is not None]
+    if not present:
+        return Verdict("params_track_ground_truth", None, "no ground truth for these pairs: not judged")
+    steps = len(_rows(history, "train_step"))
+    last = val.dropna(subset=[f"pred_gt_corr_{present[0]}"]).iloc[-1]
+    evidence: dict[str, Any] = {f"corr_{p}": _as_float(last.get(f"pred_gt_corr_{p}")) for p in present}
+    evidence.update({"floor": cfg.gt_corr_floor, "steps": steps})
+    if not cfg.require_beats_constant_lens:
+        return Verdict("params_track_ground_truth", None, "this mode is not expected to learn each image's lens yet "
+                                                          f"({_corr_text(evidence, present)})", evidence)
+    if steps < cfg.gt_corr_min_steps:
+        return Verdict("params_track_ground_truth", None, f"needs >= {cfg.gt_corr_min_steps} training steps, got "
+                                                          f"{steps} ({_corr_text(evidence, present)})", evidence)
+    low = [p for p in present if not evidence[f"corr_{p}"] > cfg.gt_corr_floor]
+    if low:
+        return Verdict("params_track_ground_truth", False,
+                       f"predictions do not follow the ground truth: {_corr_text(evidence, present)} (floor "
+                       f"{cfg.gt_corr_floor:+.2f}): the model learns the wrong lens", evidence)
+    return Verdict("params_track_ground_truth", True, _corr_text(evidence, present), evidence)
+
+
+def _corr_text(evidence: dict[str, Any], present: list[str]) -> str:
+    return ", ".join(f"{p} correlates {evidence[f'corr_{p}']:+.2f} with ground truth" for p in present)
+
+
+def eval_flow_matches_train(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad (stages 2/3): the probe's residual flow in eval mode points elsewhere than in train mode
+    (``probe_flow_cosine_train_eval``; a magnitude check misses a flipped sign). Healthy: cosine 1.0
+    exactly (no dropout / batch norm in the residual path); floor ``eval_flow_min_cosine`` 0.5."""
+    off = _residual_off(history, "eval_flow_matches_train")
+    if off:
+        return off
+    cosine = _column(_rows(history, "val_epoch"), "probe_flow_cosine_train_eval")
+    if cosine is None:
+        return Verdict("eval_flow_matches_train", None, "no train-vs-eval flow recorded (instrumentation off, or the "
+                                                        "residual is exactly zero)")
+    worst = float(cosine.min())
+    evidence = {"cosine_min": worst, "cosine_last": float(cosine.iloc[-1]), "floor": cfg.eval_flow_min_cosine}
+    if worst < cfg.eval_flow_min_cosine:
+        return Verdict("eval_flow_matches_train", False,
+                       f"the probe's residual flow in eval mode has cosine {worst:+.2f} with train mode's: the "
+                       "residual is switched or transformed differently at evaluation", evidence)
+    return Verdict("eval_flow_matches_train", True, f"train vs eval residual flow cosine >= {worst:+.3f}", evidence)
+
+
+def val_batches_repeat(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: the first validation batch differs between validations (``val_batch_fingerprint``,
+    ids and pixels): random augmentation or shuffling in the validation loader, so scores of
+    different epochs are not comparable. Healthy: one fingerprint for the whole run."""
+    prints = _column(_rows(history, "val_epoch"), "val_batch_fingerprint")
+    if prints is None or len(prints) < 2:
+        return Verdict("val_batches_repeat", None, "needs fingerprints of >= 2 validations")
+    distinct = int(prints.nunique())
+    evidence = {"validations": int(len(prints)), "distinct_fingerprints": distinct}
+    if distinct > 1:
+        return Verdict("val_batches_repeat", False,
+                       f"the first validation batch differs between validations ({distinct} versions in "
+                       f"{len(prints)}): is augmentation or shuffling on in the validation loader?", evidence)
+    return Verdict("val_batches_repeat", True, f"the same validation batch in all {len(prints)} validations", evidence)
+
+
+def lr_not_mostly_zero(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: the learning rate is (near) 0 on more than ``lr_zero_max_frac`` of the steps (a schedule
+    sized shorter than the run with a floor of 0, or an lr of 0). "Near": at most
+    ``lr_zero_rel`` (1e-3) of the run's peak. Healthy: 0 % (the cosine floor is 10 % of the peak and
+    warm-up starts at 1/warmup_steps of it)."""
+    lr = _lr_per_step(_rows(history, "train_step"))
+    if lr is None:
+        return Verdict("lr_not_mostly_zero", None, "no learning rate recorded")
+    peak = float(lr.max())
+    near = lr <= cfg.lr_zero_rel * peak if peak > 0 else lr <= 0
+    frac = float(near.mean())
+    evidence = {"zero_lr_frac": frac, "peak_lr": peak, "steps": int(len(lr)), "allowed_frac": cfg.lr_zero_max_frac,
+                "first_zero_step": _as_int(_rows(history, "train_step").loc[near[near].index, "step"].min(), None)
+                if near.any() else None}
+    if frac > cfg.lr_zero_max_frac:
+        return Verdict("lr_not_mostly_zero", False, f"the learning rate is (near) 0 on {frac:.0%} of {len(lr)} steps "
+                                                    f"(peak {peak:g})", evidence)
+    return Verdict("lr_not_mostly_zero", True, f"lr (near) 0 on {frac:.0%} of steps (peak {peak:g})", evidence)
+
+
 SIGNALS: dict[str, Callable[[pd.DataFrame, JudgeConfig], Verdict]] = {
     "scores_move": scores_move,
     "probe_checksums_change": probe_checksums_change,
@@ -808,6 +1061,13 @@ SIGNALS: dict[str, Callable[[pd.DataFrame, JudgeConfig], Verdict]] = {
     "batches_in_range": batches_in_range,
     "batches_vary": batches_vary,
     "pairs_match_ground_truth": pairs_match_ground_truth,
+    "groups_move_with_gradients": groups_move_with_gradients,
+    "logged_quantities_agree": logged_quantities_agree,
+    "train_val_agree": train_val_agree,
+    "params_track_ground_truth": params_track_ground_truth,
+    "eval_flow_matches_train": eval_flow_matches_train,
+    "val_batches_repeat": val_batches_repeat,
+    "lr_not_mostly_zero": lr_not_mostly_zero,
 }
 
 
