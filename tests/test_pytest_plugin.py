@@ -1,0 +1,291 @@
+"""autohdr's pytest plugin (``autohdr.testing``) in a user's repository, red and green.
+
+Each check builds a small user repository with ``pytester``: the model and loop of
+``examples/user_repo`` (``mylens``: its own CNN, module names autohdr does not guess, its own
+training loop with its own schedule), a ``[tool.autohdr]`` table and a dataset of synthetic photos
+with known lens distortions made at test time. Healthy, every signal test passes (or is ``n/a``);
+with a detached residual or a learning rate of 0 the matching signal tests fail, naming the cause;
+without the table the plugin adds nothing. Runs are tiny (16 pairs at 96x96, 8 steps).
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autohdr.diagnosis.presets import MODES
+from autohdr.diagnosis.verdicts import SIGNALS
+from autohdr.testing import config as plugin_config
+from autohdr.testing.plugin import ACTIVE_PLUGIN_NAME, CONFIG_KEY
+from autohdr.testing.signal_tests import NO_CUDA_REASON
+
+pytest_plugins = ["pytester"]
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "user_repo"
+GROUPS = '{ backbone = "features", param_head = "lens", residual_head = "refine" }'
+#: Tiny runs: 16 pairs at 96x96, batch 8, the preset's 4 epochs (8 steps).
+TINY = '{ "data.num_pairs" = 16, "data.resize_hw" = [96, 96] }'
+#: Signals unrelated to a detached residual or a zero learning rate: they must stay green.
+UNRELATED = ("finite", "batches_in_range", "batches_vary", "eval_deterministic", "init_is_identity",
+             "clipping_sane", "param_head_not_saturated")
+
+
+# ----------------------------------------------------------------------------- the user's dataset
+
+def _photo(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A ``(size, size, 3)`` float image in [0, 1]: a gradient with straight bars and boxes (lines a lens bends)."""
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    image = np.stack([0.3 + 0.4 * xx, 0.3 + 0.4 * yy, 0.5 - 0.2 * xx * yy], -1)
+    for _ in range(6):
+        centre, half_width = rng.uniform(0.05, 0.95), rng.uniform(0.01, 0.03)
+        image[np.abs((xx if rng.random() < 0.5 else yy) - centre) < half_width] = rng.uniform(0, 1, 3)
+    for _ in range(3):
+        (x0, y0), side = rng.uniform(0.1, 0.7, 2), rng.uniform(0.1, 0.25)
+        image[(xx > x0) & (xx < x0 + side) & (yy > y0) & (yy < y0 + side)] = rng.uniform(0, 1, 3)
+    return np.clip(image, 0, 1)
+
+
+def make_pairs(folder: Path, count: int, size: int = 128, seed: int = 0) -> Path:
+    """``shot<i>_original.jpg`` (distorted by a random barrel lens) and ``shot<i>_generated.jpg`` (clean)."""
+    from autohdr.lens.geometry import invert_brown_conrady_grid, warp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        clean = torch.from_numpy(_photo(rng, size)).permute(2, 0, 1)[None]
+        params = torch.tensor([[rng.uniform(0.1, 0.3), rng.uniform(-0.03, 0.05), 0, 0, 0, 0, 0,
+                                rng.uniform(0.97, 1.03)]], dtype=torch.float64)
+        distorted = warp(clean, invert_brown_conrady_grid(params, size, size))
+        for tag, image in (("original", distorted), ("generated", clean)):
+            pixels = (image[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"shot{index:03d}_{tag}.jpg", quality=92)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def user_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pairs(tmp_path_factory.mktemp("user-data") / "pairs", 16)
+
+
+# ----------------------------------------------------------------------------- the user's repository
+
+def user_repo(pytester: pytest.Pytester, data_root: Path | None, *, table: str | None = None,
+              model_factory: str = "mylens.model:build", train: str | None = "mylens.loop:train",
+              modes: tuple[str, ...] = ("stage2_probe",), own_tests: bool = False) -> pytest.Pytester:
+    """``mylens`` (model and loop) plus a pyproject with ``table`` (default: a tiny ``[tool.autohdr]``)."""
+    shutil.copytree(EXAMPLE / "mylens", pytester.path / "mylens")
+    if own_tests:
+        shutil.copytree(EXAMPLE / "tests", pytester.path / "tests")
+    if table is None:
+        lines = [f'model_factory = "{model_factory}"', f"modes = {list(modes)!r}".replace("'", '"'),
+                 f'groups = {GROUPS}', 'device = "cpu"', f"overrides = {{ all = {TINY} }}"]
+        if data_root is not None:
+            lines.append(f'data_root = "{data_root.as_posix()}"')
+        if train:
+            lines.append(f'train = "{train}"')
+        table = "[tool.autohdr]\n" + "\n".join(lines)
+    pytester.makepyprojecttoml(textwrap.dedent("""
+        [tool.pytest.ini_options]
+        addopts = "--strict-markers -ra -p no:cacheprovider"
+        pythonpath = ["."]
+    """) + "\n" + table)
+    return pytester
+
+
+def plant_zero_lr(pytester: pytest.Pytester) -> None:
+    """The loop bug: every step's learning rate is multiplied by 0."""
+    loop = pytester.path / "mylens" / "loop.py"
+    loop.write_text(loop.read_text().replace("LR_FACTOR = 1.0", "LR_FACTOR = 0.0"))
+
+
+def outcomes_by_signal(result: pytest.RunResult, mode: str = "stage2_probe") -> dict[str, str]:
+    """``signal -> passed | failed | skipped`` of the generated tests of ``mode``."""
+    reports = result.reprec.getreports("pytest_runtest_logreport")
+    out = {}
+    for report in reports:
+        prefix = f"autohdr::test_signal[{mode}-"
+        if report.nodeid.startswith(prefix) and (report.when == "call" or report.outcome != "passed"):
+            out[report.nodeid[len(prefix):-1]] = report.outcome
+    return out
+
+
+def failure_text(result: pytest.RunResult, signal: str, mode: str = "stage2_probe") -> str:
+    for report in result.reprec.getreports("pytest_runtest_logreport"):
+        if report.nodeid == f"autohdr::test_signal[{mode}-{signal}]" and report.failed:
+            return str(report.longrepr)
+    raise AssertionError(f"{signal} did not fail")
+
+
+# ----------------------------------------------------------------------------- not configured: nothing
+
+class TestUnconfigured:
+    def test_loaded_but_inactive_in_autohdrs_own_suite(self, pytestconfig):
+        assert pytestconfig.pluginmanager.get_plugin("autohdr") is not None  # the pytest11 entry point
+        assert pytestconfig.pluginmanager.get_plugin(ACTIVE_PLUGIN_NAME) is None
+        assert CONFIG_KEY not in pytestconfig.stash
+
+    def test_a_repository_without_the_table_gets_nothing(self, pytester):
+        user_repo(pytester, None, table="[tool.other]\nkey = 1")
+        pytester.makepyfile(test_own="def test_one():\n    assert True\n")
+        with_plugin = pytester.runpytest("--co", "-q")
+        without = pytester.runpytest("--co", "-q", "-p", "no:autohdr")
+        assert with_plugin.ret == without.ret == pytest.ExitCode.OK
+        assert with_plugin.outlines[:-1] == without.outlines[:-1] == ["test_own.py::test_one", ""]
+        fixtures = pytester.runpytest("--fixtures").stdout.str()
+        assert "autohdr_run" not in fixtures and "autohdr_overfit_split" not in fixtures
+        assert "stage2_probe" not in pytester.runpytest("--markers").stdout.str()
+
+    def test_its_markers_stay_unknown_under_strict_markers(self, pytester):
+        user_repo(pytester, None, table="")
+        pytester.makepyfile(test_own="import pytest\n\n@pytest.mark.stage2_probe\ndef test_one():\n    pass\n")
+        result = pytester.runpytest_subprocess()  # in-process, pytest's mark registry keeps this suite's markers
+        assert result.ret == pytest.ExitCode.INTERRUPTED  # collection error: not a registered marker
+        result.stdout.fnmatch_lines(["*'stage2_probe' not found in `markers` configuration option*"])
+
+
+# ----------------------------------------------------------------------------- configuration
+
+class TestConfiguration:
+    def test_modes_match_the_presets(self):
+        assert plugin_config.MODES == MODES
+
+    def test_one_test_per_signal_per_mode_with_its_marker(self, pytester, user_data):
+        user_repo(pytester, user_data, modes=MODES)
+        result = pytester.runpytest("--co", "-q")
+        expected = [f"autohdr::test_signal[{m}-{s}]" for m in MODES for s in SIGNALS] + ["autohdr::test_gpu_throughput"]
+        assert result.outlines[:len(expected)] == expected
+        for mode in MODES:
+            selected = pytester.runpytest("--co", "-q", "-m", mode)
+            assert selected.outlines[:len(SIGNALS)] == [f"autohdr::test_signal[{mode}-{s}]" for s in SIGNALS]
+            selected.stdout.fnmatch_lines([f"{len(SIGNALS)}/{len(expected)} tests collected*"])
+
+    def test_command_line_options_win_over_the_table(self, pytester, user_data):
+        user_repo(pytester, user_data, modes=("stage2_probe",))
+        result = pytester.runpytest("--co", "-q", "--autohdr-modes", "stage3_probe,overfit_stage1")
+        ids = [line for line in result.outlines if line.startswith("autohdr::test_signal")]
+        assert {i.split("[")[1].split("-")[0] for i in ids} == {"stage3_probe", "overfit_stage1"}
+
+    @pytest.mark.parametrize("line, fragment", [
+        ('model_factroy = "mylens.model:build"', "unknown key 'model_factroy'"),
+        ('model_factory = "mylens.model.build"', "model_factory must look like 'MODULE:FUNCTION'"),
+        ('model_factory = "m:f"\nmodes = ["stage9_probe"]', "modes: unknown mode 'stage9_probe'"),
+        ('model_factory = "m:f"\ndata_root = "no/such/folder"', "data_root * is not a folder"),
+        ('model_factory = "m:f"\ngroups = { head = "lens" }', "groups.head: unknown group"),
+        ('model_factory = "m:f"\noverrides = { stage2_probe = { "train.lrr" = 1 } }',
+         "overrides for stage2_probe: unknown config key 'train.lrr'"),
+        ('model_factory = "m:f"\noverrides = { stage2_probe = { "train.epochs" = "many" } }', "train.epochs"),
+        ('modes = ["stage2_probe"]', "model_factory is required"),
+    ])
+    def test_bad_config_is_refused_naming_the_key(self, pytester, line, fragment):
+        user_repo(pytester, None, table="[tool.autohdr]\n" + line)
+        result = pytester.runpytest("--co")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines([f"ERROR: autohdr: *pyproject.toml*[[]tool.autohdr[]]*{fragment}*"])
+
+    def test_bad_option_is_refused_naming_it(self, pytester, user_data):
+        user_repo(pytester, user_data)
+        result = pytester.runpytest("--co", "--autohdr-set", "train.epochs")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*--autohdr-set 'train.epochs' must look like KEY=VALUE*"])
+
+    def test_overrides_of_all_modes_and_of_one(self, tmp_path):
+        config = plugin_config.from_table(
+            {"model_factory": "m:f", "overrides": {"all": {"data": {"num_pairs": 8}, "train.epochs": 2},
+                                                    "stage3_probe": {"train.epochs": 3}}},
+            source="t", base_dir=tmp_path)
+        assert config.mode_overrides("stage2_probe") == {"data.num_pairs": 8, "train.epochs": 2}
+        assert config.mode_overrides("stage3_probe") == {"data.num_pairs": 8, "train.epochs": 3}
+        changed = plugin_config.with_options(config, {"set": ["train.lr=0.01"]}, cwd=tmp_path)
+        assert changed.mode_overrides("stage2_probe")["train.lr"] == "0.01"
+
+    def test_fixtures_and_overfit_split_from_the_users_data(self, pytester, user_data):
+        user_repo(pytester, user_data)
+        pytester.makepyfile(test_own=f"""
+            from pathlib import Path
+
+            def test_split(autohdr_overfit_split, autohdr_data_root, autohdr_fixture_root):
+                split = autohdr_overfit_split(3)
+                assert split.train_csv.read_bytes() == split.val_csv.read_bytes()
+                assert list(split.rows.image_id) == ["shot000", "shot001", "shot002"]
+                assert autohdr_data_root == Path({str(user_data)!r})
+                assert (autohdr_fixture_root / "p000_original.jpg").is_file()
+        """)
+        pytester.runpytest("test_own.py").assert_outcomes(passed=1)  # a path argument: no signal tests, no run
+        assert not (pytester.path.parent / "basetemp" / "autohdr-runs").exists()
+
+    def test_signal_tests_come_with_the_whole_repository_only(self, pytester, user_data):
+        user_repo(pytester, user_data)
+        pytester.makepyfile(test_own="def test_one():\n    pass\n")
+        whole = len(SIGNALS) + 2  # the signals, the GPU benchmark and test_one
+        for args, count in (((), whole), ((".",), whole), ((str(pytester.path),), whole), (("test_own.py",), 1)):
+            pytester.runpytest("--co", *args).stdout.fnmatch_lines([f"*= {count} test* collected in *"])
+
+    def test_gpu_benchmark_skips_with_the_reason_without_cuda(self, pytester, user_data, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        user_repo(pytester, user_data)
+        result = pytester.runpytest("-m", "gpu", "--benchmark-only")
+        result.assert_outcomes(skipped=1, deselected=len(SIGNALS))
+        result.stdout.fnmatch_lines([f"SKIPPED*{NO_CUDA_REASON}*"])
+
+
+# ----------------------------------------------------------------------------- runs: green and red
+
+@pytest.mark.stage2_probe
+class TestSignalsOfTheUsersPipeline:
+    def test_healthy_model_on_autohdrs_trainer_all_green_with_the_users_own_tests(self, pytester, user_data):
+        user_repo(pytester, user_data, train=None, own_tests=True)
+        result = pytester.runpytest()
+        by_signal = outcomes_by_signal(result)
+        assert set(by_signal) == set(SIGNALS)
+        assert [s for s, outcome in by_signal.items() if outcome == "failed"] == []
+        assert by_signal["residual_contributes"] == by_signal["residual_head_learning"] == "passed"
+        # the user's own tests used autohdr_run (the same shared run) and autohdr_overfit_split
+        outcomes = result.parseoutcomes()
+        assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0
+        runs = pytester.path.parent / "basetemp" / "autohdr-runs"
+        assert len(list(runs.glob("stage2_probe-*.done.json"))) == 1  # trained once for all 26 tests
+
+    def test_healthy_loop_under_xdist_trains_once_all_green(self, pytester, user_data):
+        user_repo(pytester, user_data, train="counting_loop:train")
+        calls = pytester.path / "train_calls.txt"
+        pytester.makepyfile(counting_loop=f"""
+            from mylens.loop import train as users_train
+
+            def train(run_dir, settings):
+                with open({str(calls)!r}, "a") as log:
+                    log.write(str(run_dir) + "\\n")
+                users_train(run_dir, settings)
+        """)
+        result = pytester.runpytest_subprocess("-n", "2", "-m", "stage2_probe")
+        outcomes = result.parseoutcomes()
+        assert outcomes.get("failed", 0) == 0 and outcomes.get("error", 0) == 0, result.stdout.str()
+        assert outcomes["passed"] + outcomes.get("skipped", 0) == len(SIGNALS)
+        assert len(calls.read_text().splitlines()) == 1  # one run, shared by both workers
+
+    def test_detached_residual_fails_its_signals_naming_the_cause(self, pytester, user_data):
+        user_repo(pytester, user_data, model_factory="mylens.model:build_detached", train=None)
+        result = pytester.runpytest("-m", "stage2_probe")
+        by_signal = outcomes_by_signal(result)
+        assert by_signal["residual_head_learning"] == by_signal["residual_contributes"] == "failed"
+        message = failure_text(result, "residual_head_learning")
+        assert "stage2_probe: residual_head_learning is BAD:" in message
+        assert "likely cause (frozen_residual_head): the residual_head gets no gradient" in message
+        assert {s: by_signal[s] for s in UNRELATED} == dict.fromkeys(UNRELATED, "passed")
+        for signal in (s for s, outcome in by_signal.items() if outcome == "failed"):
+            assert "frozen_residual_head" in failure_text(result, signal), signal  # one cause explains them all
+
+    def test_zero_learning_rate_in_the_loop_fails_its_signals_naming_the_cause(self, pytester, user_data):
+        user_repo(pytester, user_data)
+        plant_zero_lr(pytester)
+        result = pytester.runpytest("-m", "stage2_probe")
+        by_signal = outcomes_by_signal(result)
+        for signal in ("scores_move", "probe_checksums_change", "loss_decreases"):
+            assert by_signal[signal] == "failed", signal
+            assert "likely cause (lr_zero): the learning rate is 0" in failure_text(result, signal)
+        assert {s: by_signal[s] for s in UNRELATED} == dict.fromkeys(UNRELATED, "passed")
