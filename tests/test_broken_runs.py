@@ -153,8 +153,9 @@ def test_a_diverged_history_with_nan_strings_is_judged_diverged():
 # ---------------------------------------------------------------------------- real runs diverged on purpose
 
 class NaNAtTrainingStep(LensCorrectionModel):
-    """The small model of the CLI tests, whose training forward number ``step`` returns NaN parameters
-    (a loss term dividing by 0, as a model): the loss of that step is NaN."""
+    """The small model of the CLI tests, whose training step number ``step`` returns NaN parameters
+    (a loss term dividing by 0, as a model): the loss of that step is NaN. Forwards without gradients
+    (the instrumentation's own checks) are not steps."""
 
     def __init__(self, step: int) -> None:
         super().__init__(SMALL_CONFIG)
@@ -162,7 +163,7 @@ class NaNAtTrainingStep(LensCorrectionModel):
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         out = super().forward(image)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # a training step (checks run without grad)
             self.calls += 1
             if self.calls == self.step:
                 return {**out, "params": out["params"] * float("nan")}
@@ -251,7 +252,7 @@ class InterruptAtTrainingStep(LensCorrectionModel):
         self.step, self.calls = step, 0
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # a training step (checks run without grad)
             self.calls += 1
             if self.calls == self.step:
                 raise KeyboardInterrupt

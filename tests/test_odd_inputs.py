@@ -394,3 +394,55 @@ class TestBatchRange:
         assert message.startswith(f"validation batch {bad_batch}")
         assert f"sample 0 ({sample_id}, " in message and f"{sample_id}_original" in message
         assert "divide by 255" in message and "pred" not in message
+
+
+# ---------------------------------------------------------------------------- a custom model without a residual
+
+RESIDUAL_JUDGED = ("residual_contributes", "residual_head_learning", "residual_not_inactive",
+                   "eval_residual_matches_train", "residual_helps")
+
+
+def _residual_history(returns_flow: bool):
+    """Healthy stage-2 records of a model whose residual contributes nothing (0 px) and whose
+    ``residual_head`` group is empty: with ``returns_flow`` a parameter-free residual module (a fault),
+    without it a model that returns only ``params``."""
+    import pandas as pd
+    from tests.test_verdicts import healthy_records
+    records = healthy_records("stage2_hybrid")
+    records[0]["parameter_groups"] = {"residual_head": {"tensors": 0, "values": 0, "measured": False}}
+    for record in records:
+        if record["kind"] == "train_step":
+            record.update(residual_contrib_px_mean=0.0, residual_to_param_disp_ratio_mean=0.0)
+            for key in ("grad_norm_residual_head", "param_delta_residual_head"):
+                record.pop(key, None)
+            if returns_flow:
+                record["residual_flow_abs_mean_px"] = 0.0
+            else:
+                record.pop("residual_flow_abs_mean_px", None)
+    return pd.DataFrame.from_records(records)
+
+
+@pytest.mark.parametrize("returns_flow", [False, True], ids=["params-only-model", "parameter-free-residual-head"])
+def test_a_model_without_residual_output_is_not_judged_on_it(returns_flow):
+    from autohdr.diagnosis.causes import diagnose
+    from autohdr.diagnosis.verdicts import judge
+    history = _residual_history(returns_flow)
+    verdicts = {v.signal: v for v in judge(history)}
+    causes = [d.cause_id for d in diagnose(list(verdicts.values()), history)]
+    if returns_flow:  # the fault: a residual module that can never learn is still BAD, with its cause
+        assert verdicts["residual_contributes"].ok is False and "frozen_residual_head" in causes
+    else:
+        assert all(verdicts[name].ok is None for name in RESIDUAL_JUDGED)
+        assert "no residual flow" in verdicts["residual_contributes"].detail
+        assert "frozen_residual_head" not in causes and not [v for v in verdicts.values() if v.ok is False]
+
+
+def test_a_run_of_a_params_only_model_has_no_residual_bad(tmp_path):
+    from autohdr.diagnosis.debug import run_debug_mode
+    from tests.helpers_trainer import GlobalParamsOnly
+    report = run_debug_mode("stage2_probe", model=GlobalParamsOnly(), out_dir=tmp_path / "run", device="cpu",
+                            overrides={"data.num_pairs": 8, "data.batch_size": 2, "data.resize_hw": [64, 64],
+                                       "judge.require_beats_constant_lens": False}, epochs=2, plots=False)
+    by_name = {v["signal"]: v for v in report["verdicts"]}
+    assert all(by_name[name]["ok"] is None for name in RESIDUAL_JUDGED)
+    assert "frozen_residual_head" not in [d["cause_id"] for d in report["diagnoses"]]

@@ -139,7 +139,20 @@ def _residual_off(history: pd.DataFrame, signal: str) -> Verdict | None:
     info = _stage_info(history)
     if info["residual_active"] is False:
         return Verdict(signal, None, f"residual branch is off in {info['stage']}: not judged")
+    if model_has_no_residual(history):
+        return Verdict(signal, None, "the model returns no residual flow ('residual_flow_lowres'): residual "
+                                     "signals not judged")
     return None
+
+
+def model_has_no_residual(history: pd.DataFrame) -> bool:
+    """True when the residual was measured on training steps (``residual_contrib_px_mean``) but the
+    model never returned a flow to measure (no ``residual_flow_abs_mean_px`` on any step): a custom
+    model with only ``params``. A residual head without parameters still returns a flow: judged."""
+    steps = _rows(history, "train_step")
+    if _column(steps, "residual_contrib_px_mean") is None:
+        return False
+    return _column(steps, "residual_flow_abs_mean_px") is None
 
 
 def _missing_group(history: pd.DataFrame, group: str, signal: str) -> Verdict | None:
