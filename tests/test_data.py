@@ -274,10 +274,11 @@ class TestSelectAndPrepare:
         assert select_pairs(fixture_rows, 4, seed=5, shuffle=True).image_id.tolist() == shuffled
 
     def test_prepare_writes_identical_splits(self, immutable_data_root, tmp_path):
-        report = prepare_overfit_split(immutable_data_root, tmp_path, 6)
+        count = min(6, len(scan_pairs(immutable_data_root)))
+        report = prepare_overfit_split(immutable_data_root, tmp_path, count)
         train, val = read_split_csv(report["train_split"]), read_split_csv(report["val_split"])
         pd.testing.assert_frame_equal(train, val)
-        assert report["num_pairs_written"] == 6 and report["note"] is None
+        assert report["num_pairs_written"] == count and report["note"] is None
 
     def test_refuses_out_dir_inside_data_root(self, fixture_root, tmp_path):
         root = copy_pairs(fixture_root, tmp_path / "data", 2)
@@ -292,13 +293,14 @@ class TestSelectAndPrepare:
             prepare_overfit_split(tmp_path / "data", tmp_path / "out", 2)
         assert not (tmp_path / "out" / "train_split.csv").exists()
 
-    def test_overfit_split_fixture(self, make_overfit_split):
-        split = make_overfit_split(8, (64, 64))
-        assert split is make_overfit_split(8, (64, 64))
+    def test_overfit_split_fixture(self, make_overfit_split, data_root):
+        count = min(8, len(scan_pairs(data_root)))
+        split = make_overfit_split(count, (64, 64))
+        assert split is make_overfit_split(count, (64, 64))
         assert split.train_csv.read_bytes() == split.val_csv.read_bytes()
-        assert len(split.rows) == 8 and split.resize_hw == (64, 64)
+        assert len(split.rows) == count and split.resize_hw == (64, 64)
         batch = next(iter(make_loader(PairDataset(split.rows, split.resize_hw), 4, False, 0, 0)))
-        assert batch["input_image"].shape == (4, 3, 64, 64)
+        assert batch["input_image"].shape == (min(4, count), 3, 64, 64)  # any stored size or aspect ratio
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -530,3 +532,20 @@ class TestMakeLoader:
     def test_bad_arguments(self, fixture_rows):
         with pytest.raises(ValueError, match="batch_size must be >= 1"):
             make_loader(PairDataset(fixture_rows.iloc[:2]), 0, False, 0, 0)
+
+
+# ----------------------------------------------------------------------------- the overfit mode on your data
+
+@pytest.mark.overfit_stage1
+def test_the_overfit_mode_on_your_data_is_all_good(immutable_data_root, pytestconfig, tmp_path, capsys):
+    """``pytest --data-root=DIR -m overfit_stage1`` (or ``-m data_root``): the overfit mode's preset on your
+    data, judged with its signals, must end ALL GOOD. On the embedded fixtures the shared debug runs
+    already do this (tests/test_diagnostics.py), so without a data root of your own it is skipped."""
+    from autohdr import cli
+    from tests.plugins.data_fixtures import user_data_root
+    if user_data_root(pytestconfig) is None:
+        pytest.skip("runs on your data only: pass --data-root=DIR (the fixtures' overfit run is the shared one)")
+    code = cli.main(["debug", "overfit_stage1", "--data-root", str(immutable_data_root), "--out",
+                     str(tmp_path / "run"), "--device", "cpu", "--no-plots"])
+    out = capsys.readouterr().out
+    assert code == cli.EXIT_OK, f"the overfit mode on {immutable_data_root} is not all good:\n{out}"

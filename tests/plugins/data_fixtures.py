@@ -7,6 +7,11 @@
   with ``train_csv == val_csv`` content, built once per ``(num_pairs, resize_hw)``.
 * ``immutable_data_root``: ``data_root``, with a check at teardown that nothing under it changed.
 * :func:`hash_tree`: a digest of a folder's file names and bytes.
+
+Every test that uses ``data_root``, ``immutable_data_root`` or ``make_overfit_split`` is marked
+``data_root`` at collection: ``pytest --data-root=DIR -m data_root`` runs exactly the tests that read
+your data (the data tests, the overfit split and its script, and the overfit mode on your data).
+None of them depends on the fixtures' ids, sizes or count.
 """
 
 from __future__ import annotations
@@ -40,6 +45,28 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[_CARRIED_DATA_ROOT] = config.stash[_USER_DATA_ROOT] = user_root
     for name in [n for n in os.environ if n.startswith("AUTOHDR_")]:
         del os.environ[name]
+    config.addinivalue_line("markers", f"{DATA_ROOT_MARK}: reads --data-root / AUTOHDR_DATA_ROOT (your data, "
+                                       "or the embedded fixtures); marked at collection")
+
+
+#: The marker of the tests that read the data root (see the module's docstring).
+DATA_ROOT_MARK = "data_root"
+_DATA_ROOT_FIXTURES = ("data_root", "immutable_data_root", "make_overfit_split")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in _DATA_ROOT_FIXTURES):
+            item.add_marker(DATA_ROOT_MARK)
+
+
+def user_data_root(config: pytest.Config) -> Path | None:
+    """The data root the user gave (``--data-root`` or ``AUTOHDR_DATA_ROOT``), ``None`` for the fixtures."""
+    chosen = config.getoption("--data-root") or config.stash.get(_USER_DATA_ROOT, "")
+    if not chosen:
+        return None
+    root = Path(chosen).expanduser().absolute()
+    return None if root.resolve() == default_fixture_root().resolve() else root
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
