@@ -55,6 +55,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "photoshoot stay on one side of the train/val split (default: $AUTOHDR_GROUP_REGEX, "
                              "else the preset's data.group_regex, '^(?P<group>.+)_g\\d+$'); 'none': split by pair")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--no-fail-fast", action="store_true",
+                        help="train on after a structural fault (init not identity, optimizer coverage, a bad "
+                             "batch, ...) instead of stopping at the step that decides it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_report(report: dict) -> None:
-    from autohdr.diagnosis.verdicts import Verdict, format_table, status_line
+def _print_report(report: dict, summary: bool = True) -> None:
+    from autohdr.diagnosis.verdicts import Verdict, format_table
     verdicts = [Verdict(**v) for v in report["verdicts"]]
     print(f"\n{report['mode']} ({report['runbook_name'] or report['stage']}) on {report['device']}")
     print(format_table(verdicts))
@@ -89,6 +92,13 @@ def _print_report(report: dict) -> None:
     print("\n" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
     if report.get("error"):
         print(f"\nRUN FAILED: {report['error']}")
+    if summary:
+        _print_summary(report)
+
+
+def _print_summary(report: dict) -> None:
+    from autohdr.diagnosis.verdicts import Verdict, status_line
+    verdicts = [Verdict(**v) for v in report["verdicts"]]
     run_dir = Path(report["out_dir"])
     page = run_dir / "report.html"
     interrupted = (report.get("interrupted_at") or True) if report.get("interrupted") else None
@@ -112,12 +122,16 @@ def _run(args, mode: str, overrides: list[str], resume=None) -> int:
         from autohdr.data.pairs import compile_group_regex
         compile_group_regex(args.group_regex, "--group-regex")
         overrides = [*overrides, f"data.group_regex={args.group_regex}"]
+    printed: list[bool] = []
     report = run_debug_mode(mode, data_root=args.data_root, out_dir=args.out, device=args.device, seed=args.seed,
                             overrides=overrides, epochs=args.epochs, model_factory=args.model_factory, groups=groups,
-                            init_from=args.init_from, resume_from=resume, plots=not args.no_plots)
+                            init_from=args.init_from, resume_from=resume, plots=not args.no_plots,
+                            fail_fast=not args.no_fail_fast, on_verdict=lambda r: (_print_report(r, summary=False),
+                                                                                  printed.append(True)))
     if not report:  # a non-zero rank under torchrun
         return EXIT_OK
-    _print_report(report)
+    # the verdicts were printed as soon as judged (before the figures): only the summary line is left
+    _print_summary(report) if printed else _print_report(report)
     if report.get("interrupted"):
         return EXIT_INTERRUPTED
     return EXIT_OK if report["all_good"] else EXIT_BAD_SIGNAL

@@ -9,12 +9,15 @@ and each fault also lists the unrelated signals that must stay green (``test_no_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pandas as pd
 import pytest
 
+from autohdr.diagnosis.debug import EARLY_SIGNALS
 from autohdr.diagnosis.verdicts import SIGNALS
+from autohdr.training.trainer import EARLY_CHECK_STEPS
 from tests.plugins.debug_runs import RunSpec
 
 MODE_MARKS = {mode: getattr(pytest.mark, mode) for mode in ("overfit_stage1", "stage2_probe", "stage3_probe")}
@@ -160,7 +163,9 @@ class Fault:
 
 
 def _fault(name: str, mode: str, fires, stays_good, **spec) -> Fault:
-    return Fault(RunSpec(f"fault-{name}", mode, **spec), tuple(fires), tuple(stays_good))
+    # fail fast off: these runs prove every signal of the fault over the whole run (the signals
+    # that need training too); FAIL_FAST below proves the structural ones stop a run at once
+    return Fault(RunSpec(f"fault-{name}", mode, fail_fast=False, **spec), tuple(fires), tuple(stays_good))
 
 
 _STAGE2_PLUMBING = ("finite", "init_is_identity", "not_data_bound", "param_head_learning", "clipping_sane",
@@ -293,6 +298,52 @@ def test_detector_fires(debug_run, fault, signal):
 def test_no_false_alarm(debug_run, fault, signal):
     verdict = debug_run(fault.spec).verdict(signal)
     assert verdict.ok is True, f"{signal} raised a false alarm on {fault.spec.name}: {verdict.detail}"
+
+
+# ------------------------------------------------------------------------------------ fail fast
+#: Structural faults and where fail fast must stop them (see autohdr.diagnosis.debug.EARLY_SIGNALS):
+#: the init check, a step (1-3), or the first validation. Detached heads and unused parameters stop
+#: at step 2 on optimizer_covers_params (optimized tensors that never got a gradient).
+FAIL_FAST = {
+    "stuck-non-identity": "init", "param-head-random-init": "init",
+    "batch-0-255": "step", "backbone-detached": "step", "parameter-created-after-optimizer": "step",
+    "optimized-parameter-unused": "step", "param-head-detached": "step", "residual-detached": "step",
+    "residual-requires-grad-off": "step", "residual-head-without-parameters": "step", "residual-times-zero": "step",
+    "residual-frozen-stage3": "step",
+    "dropout-at-eval": "validation", "pairs-swapped": "validation",
+}
+
+
+def _fail_fast_cases():
+    for fault in FAULTS:
+        name = fault.spec.name.removeprefix("fault-")
+        if name in FAIL_FAST:
+            spec = dataclasses.replace(fault.spec, name=f"failfast-{name}", fail_fast=True)
+            yield pytest.param(Fault(spec, fault.fires, ()), FAIL_FAST[name], marks=MODE_MARKS[spec.mode],
+                               id=spec.name)
+
+
+@pytest.mark.parametrize(("fault", "point"), list(_fail_fast_cases()))
+def test_structural_fault_stops_the_run_where_it_is_decided(debug_run, fault, point):
+    run = debug_run(fault.spec)
+    stopped = run.report["stopped_early"]
+    assert stopped is not None and stopped["point"] == point, (stopped, run.report["error"])
+    steps = run.history.query("kind == 'train_step'")
+    if point == "init":
+        assert steps.empty
+    elif point == "step":
+        assert 1 <= len(steps) <= EARLY_CHECK_STEPS and stopped["step"] == len(steps)
+    assert run.report["error"].startswith("stopped early") and not run.report["all_good"]
+    # every signal decided early that the fault turns red is red when the run stops at once
+    decided = {name for names in EARLY_SIGNALS.values() for name in names}
+    for signal in set(fault.fires) & decided:
+        assert run.verdict(signal).ok is False, signal
+    assert set(stopped["signals"]) <= decided and all(run.verdict(s).ok is False for s in stopped["signals"])
+
+
+def test_every_fail_fast_case_is_a_suite_fault():
+    names = {fault.spec.name.removeprefix("fault-") for fault in FAULTS}
+    assert set(FAIL_FAST) <= names, set(FAIL_FAST) - names
 
 
 @pytest.mark.overfit_stage1

@@ -34,7 +34,7 @@ from autohdr.diagnosis.presets import DataPreset, DebugPreset, load_preset, over
 from autohdr.data.settings import DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
 from autohdr.data.split_files import check_replaceable, write_owned_files
 from autohdr.training.trainer import NonFiniteLossError, Trainer
-from autohdr.diagnosis.verdicts import all_good, interruption, judge
+from autohdr.diagnosis.verdicts import SIGNALS, Verdict, all_good, interruption, judge
 from autohdr.diagnosis.causes import diagnose
 
 #: Environment variables that override a preset's ``[data]`` table, and the field each sets.
@@ -189,6 +189,68 @@ def preset_reference_lr(mode: str | Path | None, stage: str | None = None) -> fl
     return train.lr * scale if train else None
 
 
+#: Signals decided by the first steps, and where each is decided (fail fast: judged there, a BAD one
+#: stops the run). ``init``: the init check before any step; ``step``: after step 1..3 (a group
+#: signal needs the third: with zero-initialized heads the backbone's first gradient is exactly 0,
+#: so one zero step in three is healthy); ``validation``: after the first validation (the only
+#: records holding the repeated probe and the ground-truth baseline).
+EARLY_SIGNALS: dict[tuple[str, int], tuple[str, ...]] = {
+    ("init", 0): ("init_is_identity",),
+    ("step", 1): ("batches_in_range",),
+    ("step", 2): ("batches_in_range", "optimizer_covers_params"),
+    ("step", 3): ("batches_in_range", "optimizer_covers_params", "param_head_learning", "backbone_learning",
+                  "residual_head_learning", "groups_move_with_gradients"),
+    ("validation", 0): ("eval_deterministic", "pairs_match_ground_truth"),
+}
+
+
+class StructuralFaultError(RuntimeError):
+    """A signal decided by the first steps is BAD: the run stops there (``--no-fail-fast`` trains on)."""
+
+    def __init__(self, verdicts: list[Verdict], point: str, step: int) -> None:
+        self.verdicts, self.point, self.step = verdicts, point, step
+        where = "at the init check" if point == "init" else (
+            f"after step {step}" if point == "step" else f"at the first validation (step {step})")
+        super().__init__(f"stopped early {where}: " + "; ".join(f"{v.signal}: {v.detail}" for v in verdicts)
+                         + " (structural fault; pass --no-fail-fast to train on)")
+
+
+class FailFast:
+    """``Trainer.early_check``: judges :data:`EARLY_SIGNALS` on the records written so far.
+
+    The history is the run's own ``metrics.jsonl`` as it stands (every record is flushed when
+    written), plus the optimizer coverage so far as a provisional ``run_end`` for
+    ``optimizer_covers_params``; the verdict functions are the ones the final judgement uses.
+    """
+
+    def __init__(self, out_dir: Path, judge_config, trainer_ref: Callable[[], Any]) -> None:
+        self.out_dir, self.judge_config, self._trainer = out_dir, judge_config, trainer_ref
+        self._validated = False
+        self.checked: list[dict[str, Any]] = []  # each check: point, step, seconds it took
+
+    def __call__(self, point: str, step: int) -> None:
+        if point == "validation":
+            if self._validated:
+                return
+            self._validated = True
+            key = ("validation", 0)
+        else:
+            key = (point, step)
+        names = [n for n in EARLY_SIGNALS.get(key, ()) if n in SIGNALS]
+        if not names:
+            return
+        started = time.perf_counter()
+        history = read_metrics(self.out_dir)
+        coverage = self._trainer().optimizer_coverage() if "optimizer_covers_params" in names else None
+        if coverage is not None:
+            history = pd.concat([history, pd.DataFrame([{"kind": "run_end", "optimizer_coverage": coverage}])],
+                                ignore_index=True)
+        bad = [v for v in judge(history, self.judge_config) if v.signal in names and v.ok is False]
+        self.checked.append({"point": point, "step": step, "seconds": time.perf_counter() - started})
+        if bad:
+            raise StructuralFaultError(bad, point, step)
+
+
 def default_out_dir(mode: str) -> Path:
     return Path("runs") / f"{Path(mode).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -212,6 +274,7 @@ def run_debug_mode(
     log: Callable[[str], None] | None = None,
     groups: Mapping[str, Any] | None = None,
     on_verdict: Callable[[dict[str, Any]], None] | None = None,
+    fail_fast: bool = True,
 ) -> dict[str, Any]:
     """Run one debug mode end to end and return its report (also written to ``report.json``).
 
@@ -222,6 +285,11 @@ def run_debug_mode(
     ``on_verdict(report)`` is called as soon as the verdicts are judged and ``report.json`` is
     written, before the figures and ``report.html`` (the command line prints the verdict table
     there). ``ValueError`` means bad usage or input.
+
+    ``fail_fast`` (the default; single process only): the signals of :data:`EARLY_SIGNALS` are
+    judged where they are decided, and a BAD one stops the run at once (``report["error"]`` says
+    where and why, ``report["stopped_early"]`` has the point, the step and the seconds since the
+    start); the final judgement then covers what ran.
 
     The seconds each part took are written to ``timings.json`` last (``started_unix``, ``parts_s``:
     ``setup``, ``init_check``, ``training``, ``validation``, ``checkpoints``, ``judging``,
@@ -290,15 +358,20 @@ def run_debug_mode(
                 # stage 1 leaves the residual head out of the loss: DDP must not wait for its gradients
                 find_unused_parameters=not train_cfg.spec.residual_active, **buffer_kwargs)
 
+        early = FailFast(out, preset.judge, lambda: trainer) if fail_fast and not dist_ctx.enabled else None
         trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
-                          ground_truth=ground_truth, dist_ctx=dist_ctx, log=log, groups=groups)
-        error = None
+                          ground_truth=ground_truth, dist_ctx=dist_ctx, log=log, groups=groups, early_check=early)
+        error, stopped_early = None, None
         lap("setup")
         try:
             result = trainer.fit(init_from=init_from, resume_from=resume_from)
             interrupted = result.interrupted
         except NonFiniteLossError as exc:
             error, interrupted = str(exc), False
+        except StructuralFaultError as exc:
+            error, interrupted = str(exc), False
+            stopped_early = {"point": exc.point, "step": exc.step, "signals": [v.signal for v in exc.verdicts],
+                             "after_s": time.perf_counter() - started}
         lap("fit")
         fit_parts = {k: v for k, v in trainer.timings.items() if k != "fit"}
         parts.update(fit_parts, training=max(0.0, parts.pop("fit") - sum(fit_parts.values())))
@@ -314,6 +387,7 @@ def run_debug_mode(
                 "stage": train_cfg.stage,
                 "all_good": all_good(verdicts) and error is None and not interrupted,
                 "error": error,
+                "stopped_early": stopped_early,
                 "interrupted": interrupted,
                 # the headline: INTERRUPTED (judged on what it ran, see interrupted_at), ALL GOOD or BAD SIGNALS
                 "status": "INTERRUPTED" if interrupted else "ALL GOOD" if all_good(verdicts) and error is None

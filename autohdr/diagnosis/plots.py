@@ -96,9 +96,10 @@ def run_title(report: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- history access
 
 def _rows(history: pd.DataFrame, kind: str) -> pd.DataFrame:
-    if "kind" not in history.columns:
-        return history.iloc[0:0]
-    return history[history["kind"] == kind]
+    """The records of ``kind``, always with a ``step`` column (a run stopped at its init check by
+    fail fast has no step yet: its panels then say there is no data)."""
+    rows = history[history["kind"] == kind] if "kind" in history.columns else history.iloc[0:0]
+    return rows if "step" in rows.columns else rows.assign(step=pd.Series(dtype=float))
 
 
 def _numeric(frame: pd.DataFrame, column: str) -> pd.Series | None:
@@ -319,7 +320,7 @@ def _panel_displacement(ax, steps: pd.DataFrame, history: pd.DataFrame, config: 
 def curves_figure(history: pd.DataFrame, title: str | None = None) -> plt.Figure:
     """The figure of :func:`plot_curves` (caller closes it)."""
     steps = _rows(history, "train_step").sort_values("step")
-    val = _rows(history, "val_epoch").sort_values("step") if "step" in history.columns else _rows(history, "val_epoch")
+    val = _rows(history, "val_epoch").sort_values("step")
     config = _run_config(history)
     groups = list(dict.fromkeys(_groups(steps, "grad_norm") + _groups(steps, "param_delta")))
     palette = plt.get_cmap("tab10").colors

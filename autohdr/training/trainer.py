@@ -35,7 +35,10 @@ from autohdr.training.distributed import SINGLE, DistContext, all_reduce_mean, b
 from autohdr.training import checkpoint as ckpt
 from autohdr.training.interrupts import StopRequest
 
-__all__ = ["NonFiniteLossError", "Trainer", "TrainResult", "cosine_lr_factor"]
+__all__ = ["NonFiniteLossError", "Trainer", "TrainResult", "cosine_lr_factor", "EARLY_CHECK_STEPS"]
+
+#: Steps after which ``Trainer.early_check`` is called (structural faults show in the first steps).
+EARLY_CHECK_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,14 @@ class Trainer:
         dist_ctx: DistContext = SINGLE,
         log: Callable[[str], None] | None = None,
         groups: Mapping[str, GroupMembers] | None = None,
+        early_check: Callable[[str, int], None] | None = None,
     ) -> None:
         self.config = config
+        #: ``early_check(point, step)`` at the points where structural signals are decided: ``"init"``
+        #: (after the init check), ``"step"`` (after each of the first EARLY_CHECK_STEPS steps) and
+        #: ``"validation"`` (after each validation). It may raise to stop the run (fail fast); the
+        #: run still ends with its ``run_end`` record.
+        self.early_check = early_check
         self.spec = config.spec
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -238,6 +247,11 @@ class Trainer:
         if getattr(self.model, "broadcast_buffers", False):
             broadcast_buffers(self.core, self.dist)  # evaluate the model rank 0 saves, as DDP's next forward would
 
+    def optimizer_coverage(self) -> dict | None:
+        """The optimizer coverage so far (``run_end.optimizer_coverage`` as it would read now)."""
+        coverage = getattr(self.hooks, "_coverage", None)
+        return coverage.report(self.core) if coverage is not None and self.config.debug_instrumentation else None
+
     def parameter_checksum(self) -> str:
         """Digest of every parameter and floating-point buffer (see ``Instrumentation.parameter_checksum``)."""
         return self.hooks.parameter_checksum()
@@ -264,6 +278,8 @@ class Trainer:
                                             "resumed_from": str(resume_from) if resume_from else None,
                                             "init_from": str(init_from) if init_from else None,
                                             "start_epoch": start_epoch, "config": to_dict(cfg)})
+        if self.early_check is not None and resume_from is None:
+            self.early_check("init", self.global_step)
         interrupted = False
         with StopRequest(self.info, self.dist, self.device) as self._stop:
             try:
@@ -292,6 +308,8 @@ class Trainer:
             with self._timed("validation"):
                 self._sync_buffers()
                 record = self.hooks.on_validation(self.val_loader, final=final)
+            if self.early_check is not None:
+                self.early_check("validation", self.global_step)
         if self.schedule_total_steps is None:
             self._learn_schedule_length(self._steps_done_in_epoch)
         self._epoch_complete, self._steps_done_in_epoch = True, 0
@@ -375,6 +393,8 @@ class Trainer:
                 break
             record = self._step_on(batch)
             self._steps_done_in_epoch += 1
+            if self.early_check is not None and self.global_step <= EARLY_CHECK_STEPS:
+                self.early_check("step", self.global_step)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")

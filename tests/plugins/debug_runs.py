@@ -38,7 +38,8 @@ class RunSpec:
     ``loader_sleep_factor > 0`` wraps the training loader in :class:`tests.faults.SleepingLoader`, which
     holds each batch back that many times the previous step's own compute (independent of machine load);
     ``loader_fault`` names a loader wrapper in :mod:`tests.faults` (a data bug) for the training
-    loader, and for the validation loader too where the wrapper says ``applies_to_val``.
+    loader, and for the validation loader too where the wrapper says ``applies_to_val``;
+    ``fail_fast`` as in :func:`~autohdr.diagnosis.debug.run_debug_mode` (on by default, as for users).
     """
 
     name: str
@@ -49,6 +50,7 @@ class RunSpec:
     overrides: tuple[tuple[str, Any], ...] = ()
     epochs: int | None = None
     seed: int = 0
+    fail_fast: bool = True
 
     def describe(self) -> dict[str, Any]:
         return {k: (list(map(list, v)) if k == "overrides" else v) for k, v in dataclasses.asdict(self).items()}
@@ -87,7 +89,7 @@ def _train(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
             val_loader = wrapper(val_loader) if wrapper.applies_to_val else val_loader
     return run_debug_mode(spec.mode, model=model, train_loader=train_loader, val_loader=val_loader,
                           out_dir=out_dir, device="cpu", seed=spec.seed, overrides=overrides,
-                          epochs=spec.epochs, plots=False, log=lambda message: None)
+                          epochs=spec.epochs, plots=False, log=lambda message: None, fail_fast=spec.fail_fast)
 
 
 def _share_cores_between_workers() -> None:
