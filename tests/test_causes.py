@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from autohdr.cli import _print_report, main
 from autohdr.diagnosis.causes import (RUNBOOK_SECTIONS, TINY_LR_ABSOLUTE, Diagnosis, diagnose,
                                       format_diagnoses)
-from autohdr.diagnosis.verdicts import SIGNALS, Verdict
+from autohdr.diagnosis.verdicts import SIGNALS, Verdict, judge
 
 RUNBOOK = Path("/work/shared/reference/local_training_debug_runbook.md")
 GROUPS = ("backbone", "param_head", "residual_head")
@@ -159,24 +159,33 @@ class TestLearningRate:
 
 class TestData:
     def test_a_nan_batch_is_named_with_step_and_sample_not_the_learning_rate(self):
-        fields = {5: {"batch_min": math.nan, "batch_max": math.nan, "batch_nonfinite": 3}}
+        # the evidence comes from the real signal: batches_in_range reads batch_bad_sample as the hooks write it
+        fields = {5: {"batch_min": 0.0, "batch_max": 1.0, "batch_nonfinite": 3,
+                      "batch_bad_sample": {"index": 1, "image_id": "img_017", "nonfinite": True, "min": 0.0,
+                                           "max": 1.0}}}
         fields.update({s: {"batch_min": 0.0, "batch_max": 1.0, "batch_nonfinite": 0} for s in range(1, 5)})
         error = {"kind": "error", "name": "non_finite", "step": 5,
                  "message": "non-finite loss (nan) at epoch 2, step 5. Lower the learning rate (lr=0.003) or check "
                             "the inputs."}
-        verdicts = [bad("batches_in_range", "non-finite values in the batch at step 5, sample img_017",
-                        sample_ids=["img_017"]),
-                    bad("finite", error["message"]), bad("loss_decreases"), good("clipping_sane")]
-        (item,) = diagnose(verdicts, history(steps=5, step_fields=fields, extra=[error]))
+        hist = history(steps=5, step_fields=fields, extra=[error])
+        verdicts = [v for v in judge(hist) if v.signal in ("batches_in_range", "finite")]
+        verdicts += [bad("loss_decreases"), good("clipping_sane")]
+        assert [v.ok for v in verdicts[:2]] == [False, False]
+        (item,) = diagnose(verdicts, hist)
         assert item.cause_id == "data_nonfinite"
         assert item.cause.startswith("a NaN (non-finite value) in the input batch at step 5, sample img_017")
-        assert item.signals == ("batches_in_range", "finite", "loss_decreases")
+        assert set(item.signals) == {"batches_in_range", "finite", "loss_decreases"}
         assert "lower the learning rate" not in item.cause.lower()
 
     def test_a_nan_recorded_only_on_the_error_record(self):
-        error = {"kind": "error", "name": "non_finite", "step": 3, "batch_nonfinite": 1, "message": "nan"}
-        verdicts = [bad("batches_in_range", sample_id="a_7"), bad("finite")]
-        (item,) = diagnose(verdicts, history(steps=2, extra=[error]))
+        # a run stopped by the NaN writes the batch figures on its error record (Instrumentation.fail_non_finite)
+        error = {"kind": "error", "name": "non_finite", "step": 3, "batch_min": 0.0, "batch_max": 1.0,
+                 "batch_nonfinite": 1, "message": "nan",
+                 "batch_bad_sample": {"index": 0, "image_id": "a_7", "nonfinite": True, "min": 0.0, "max": 1.0}}
+        hist = history(steps=2, extra=[error])
+        verdicts = [v for v in judge(hist) if v.signal in ("batches_in_range", "finite")]
+        assert [v.ok for v in verdicts] == [False, False]
+        (item,) = diagnose(verdicts, hist)
         assert item.cause.startswith("a NaN (non-finite value) in the input batch at step 3, sample a_7")
 
     def test_batches_in_0_255_are_named_with_the_values(self):

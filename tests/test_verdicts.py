@@ -31,12 +31,13 @@ STAGES = ("stage1_param_only", "stage2_hybrid", "stage3_finetune")
 RESIDUAL_ACTIVE = {"stage1_param_only": False, "stage2_hybrid": True, "stage3_finetune": True}
 RESIDUAL_SIGNALS = {"residual_contributes", "residual_head_learning", "residual_not_inactive"}
 #: Also off (n/a) when the residual branch is off, and with instrumentation off.
-RESIDUAL_EFFECT_SIGNALS = {"residual_helps", "eval_residual_matches_train"}
+RESIDUAL_EFFECT_SIGNALS = {"residual_helps", "eval_residual_matches_train", "eval_flow_matches_train"}
 RESIDUAL_OFF_NA = RESIDUAL_SIGNALS | RESIDUAL_EFFECT_SIGNALS
 #: Signals that read only what debug_instrumentation adds.
 INSTRUMENTED_ONLY = {"probe_checksums_change", "probe_tracks_updates", "param_head_not_saturated",
                      "param_head_learning", "backbone_learning", "optimizer_covers_params", "eval_deterministic",
-                     "batches_in_range", "batches_vary", "beats_constant_lens"}
+                     "batches_in_range", "batches_vary", "beats_constant_lens", "groups_move_with_gradients",
+                     "train_val_agree", "params_track_ground_truth", "val_batches_repeat"}
 GROUPS = ("backbone", "param_head", "residual_head")
 IDENTITY_PROXY, GT_PROXY = 0.40, 0.60
 CONSTANT_LENS_PROXY = 0.42
@@ -83,8 +84,10 @@ def healthy_records(stage: str = "stage2_hybrid", *, epochs: int = 4, steps_per_
             if perf:
                 rec.update({"data_time_ms": 2.0, "batch_time_ms": 40.0, "samples_per_sec": 200.0})
             records.append(rec)
+        epoch_loss = sum(1.0 - 0.5 * s / total_steps for s in range(step - steps_per_epoch + 1, step + 1)) / steps_per_epoch
         val: Record = {"kind": "val_epoch", "epoch": epoch, "step": step, "val_proxy_total": 0.45 + 0.01 * epoch,
-                       "identity_proxy_total": IDENTITY_PROXY, "val_sample_count": 16}
+                       "identity_proxy_total": IDENTITY_PROXY, "val_sample_count": 16,
+                       "val_loss": epoch_loss * 0.97}
         if ground_truth:
             val["gt_proxy_total"] = GT_PROXY
         if instrumentation:
@@ -94,7 +97,11 @@ def healthy_records(stage: str = "stage2_hybrid", *, epochs: int = 4, steps_per_
             val.update({"probe_pred_checksum": f"pred{epoch:012d}", "probe_final_grid_checksum": f"grid{epoch:012d}",
                         "probe_params_checksum": f"parm{epoch:012d}", "probe_proxy_total_score": 0.50 + 0.01 * epoch,
                         "probe_pixel": 0.20 - 0.01 * epoch, "probe_repeat_max_abs_diff": 0.0,
-                        "probe_residual_contrib_px_mean": 0.04 if residual else 0.0})
+                        "probe_residual_contrib_px_mean": 0.04 if residual else 0.0,
+                        "val_batch_fingerprint": "valbatch00000000", "val_ids_match_train": True,
+                        "train_epoch_loss_mean": epoch_loss, "train_epoch_steps": steps_per_epoch})
+            if residual:
+                val["probe_flow_cosine_train_eval"] = 1.0
             if residual:
                 val["val_proxy_no_residual_total"] = 0.445 + 0.01 * epoch
             if world_size > 1:
@@ -310,6 +317,50 @@ def pairs_swapped(records):
     return _edit(records, "val_epoch", gt_proxy_total=0.35)
 
 
+def group_lr_zero(records):
+    """The backbone's param group at lr 0: gradients, no update."""
+    return _edit(records, "train_step", param_delta_backbone=0.0)
+
+
+def norm_before_backward(records):
+    """The logged total norm was taken before backward: 0 while the groups have gradients."""
+    return _edit(records, "train_step", grad_norm_total=0.0)
+
+
+def loss_summed(records):
+    """The training loss summed over 128 x 128 pixels: 16384x the loss identity gets at init."""
+    records = _edit(records, "train_step", loss=lambda r: r["loss"] * 16384)
+    return _edit(records, "val_epoch", train_epoch_loss_mean=lambda r: r["train_epoch_loss_mean"] * 16384)
+
+
+def eval_other_weights(records):
+    """Validation runs other weights: the same samples score 1.6x worse than in training."""
+    return _edit(records, "val_epoch", val_loss=lambda r: r["train_epoch_loss_mean"] * 1.6)
+
+
+def wrong_lens(records):
+    """The model learns the wrong lens: k1 correlates -0.5 with the ground truth."""
+    return _edit(records, "val_epoch", pred_gt_corr_k1=-0.5)
+
+
+def residual_flipped_at_eval(records):
+    """The residual flow is negated in eval mode: the same magnitude, the opposite direction."""
+    return _edit(records, "val_epoch", lambda v: "probe_flow_cosine_train_eval" in v, probe_flow_cosine_train_eval=-1.0)
+
+
+def val_augmented(records):
+    """Random augmentation in the validation loader: each validation scores other pixels."""
+    return _edit(records, "val_epoch", val_batch_fingerprint=lambda r: f"valbatch{r['epoch']:08d}")
+
+
+def lr_schedule_ends(records):
+    """A schedule sized to the first epoch with a floor of 0: lr 0 from step 6 on, so nothing moves
+    and the probe stays at epoch 0's."""
+    records = _edit(records, "train_step", lambda r: r["step"] > 5, lr=0.0,
+                    **{f"param_delta_{g}": 0.0 for g in GROUPS})
+    return _edit(records, "val_epoch", probe_pred_checksum="pred000000000000")
+
+
 # Fault -> signals that must go bad, in every stage unless listed per stage.
 EXPECTED_BAD: dict[Callable, dict[str, set[str]]] = {
     stale_probe: dict.fromkeys(STAGES, {"probe_tracks_updates", "probe_checksums_change", "scores_move"}),
@@ -317,9 +368,13 @@ EXPECTED_BAD: dict[Callable, dict[str, set[str]]] = {
                       "stage2_hybrid": RESIDUAL_SIGNALS, "stage3_finetune": RESIDUAL_SIGNALS},
     # Nothing moves, so the probe is not stale (it tracks the absent updates). With the residual
     # branch on, its head's update is zero on every step as well.
-    lr_zero: {"stage1_param_only": {"scores_move", "probe_checksums_change", "loss_decreases"},
-              "stage2_hybrid": {"scores_move", "probe_checksums_change", "loss_decreases", "residual_head_learning"},
-              "stage3_finetune": {"scores_move", "probe_checksums_change", "loss_decreases", "residual_head_learning"}},
+    # and every group has gradients without moving, at an lr of 0 on every step
+    lr_zero: {"stage1_param_only": {"scores_move", "probe_checksums_change", "loss_decreases",
+                                    "groups_move_with_gradients", "lr_not_mostly_zero"},
+              "stage2_hybrid": {"scores_move", "probe_checksums_change", "loss_decreases", "residual_head_learning",
+                                "groups_move_with_gradients", "lr_not_mostly_zero"},
+              "stage3_finetune": {"scores_move", "probe_checksums_change", "loss_decreases", "residual_head_learning",
+                                  "groups_move_with_gradients", "lr_not_mostly_zero"}},
     data_bound: dict.fromkeys(STAGES, {"not_data_bound"}),
     non_finite_error: dict.fromkeys(STAGES, {"finite"}),
     non_finite_grad: dict.fromkeys(STAGES, {"finite"}),
@@ -344,6 +399,21 @@ EXPECTED_BAD: dict[Callable, dict[str, set[str]]] = {
     batch_0_255: dict.fromkeys(STAGES, {"batches_in_range"}),
     batch_repeated: dict.fromkeys(STAGES, {"batches_vary"}),
     pairs_swapped: dict.fromkeys(STAGES, {"pairs_match_ground_truth"}),
+    group_lr_zero: dict.fromkeys(STAGES, {"groups_move_with_gradients"}),
+    norm_before_backward: dict.fromkeys(STAGES, {"logged_quantities_agree"}),
+    # the validation loss (averaged) is 1/16384 of the training loss of the same samples
+    loss_summed: dict.fromkeys(STAGES, {"logged_quantities_agree", "train_val_agree"}),
+    eval_other_weights: dict.fromkeys(STAGES, {"train_val_agree"}),
+    wrong_lens: dict.fromkeys(STAGES, {"params_track_ground_truth"}),
+    residual_flipped_at_eval: {"stage1_param_only": set(), "stage2_hybrid": {"eval_flow_matches_train"},
+                               "stage3_finetune": {"eval_flow_matches_train"}},
+    val_augmented: dict.fromkeys(STAGES, {"val_batches_repeat"}),
+    # nothing moves from epoch 2 on (the probe stays at epoch 1's; the healthy loss curve is kept)
+    lr_schedule_ends: {"stage1_param_only": {"lr_not_mostly_zero", "groups_move_with_gradients",
+                                             "probe_checksums_change"},
+                       **dict.fromkeys(("stage2_hybrid", "stage3_finetune"), {
+                           "lr_not_mostly_zero", "groups_move_with_gradients", "probe_checksums_change",
+                           "residual_head_learning"})},
 }
 
 # Signal -> (fault that turns it red, stage, words its detail must contain).
@@ -385,6 +455,15 @@ RED: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
                          ("18 training batch(es) out of range", "first at step 3, sample p007", "expected [0, 1]")),
     "batches_vary": (batch_repeated, "stage2_hybrid", ("the same batch as the step before on 100% of steps",)),
     "pairs_match_ground_truth": (pairs_swapped, "stage2_hybrid", ("below identity's 0.4000", "swapped")),
+    "groups_move_with_gradients": (group_lr_zero, "stage1_param_only",
+                                   ("backbone gets a gradient but does not move on 100% of those steps",)),
+    "logged_quantities_agree": (norm_before_backward, "stage2_hybrid",
+                                ("grad_norm_total 0 is below the groups' combined norm 0.3742", "on 20 of 20 steps")),
+    "train_val_agree": (eval_other_weights, "stage1_param_only", ("(1.60x)", "a different model")),
+    "params_track_ground_truth": (wrong_lens, "stage1_param_only", ("k1 correlates -0.50", "wrong lens")),
+    "eval_flow_matches_train": (residual_flipped_at_eval, "stage2_hybrid", ("cosine -1.00",)),
+    "val_batches_repeat": (val_augmented, "stage3_finetune", ("4 versions in 4", "augmentation")),
+    "lr_not_mostly_zero": (lr_schedule_ends, "stage1_param_only", ("(near) 0 on 75% of 20 steps", "peak 0.001")),
 }
 
 
@@ -588,6 +667,20 @@ NOT_APPLICABLE = [
     ("batches_in_range", "stage2_hybrid", (), {"instrumentation": False}, "no batch ranges"),
     ("batches_vary", "stage2_hybrid", (), {"instrumentation": False}, "needs >= 3 fingerprinted"),
     ("pairs_match_ground_truth", "stage2_hybrid", (), {"ground_truth": False}, "no ground truth"),
+    ("groups_move_with_gradients", "stage2_hybrid", (), {"instrumentation": False}, "no gradient norms"),
+    ("logged_quantities_agree", "stage2_hybrid", (_resumed, _no_deltas), {"instrumentation": False},
+     "nothing to cross-check"),
+    ("train_val_agree", "stage2_hybrid", (eval_other_weights,), {"epochs": 2}, "needs >= 3 validations, got 2"),
+    ("train_val_agree", "stage1_param_only", (eval_other_weights, lambda r: _edit(r, "val_epoch",
+                                                                              val_ids_match_train=False)), {},
+     "not the training epoch's"),
+    ("params_track_ground_truth", "stage2_hybrid", (), {"ground_truth": False}, "no ground truth"),
+    ("params_track_ground_truth", "stage1_param_only", (wrong_lens,), {"epochs": 1, "steps_per_epoch": 7},
+     "needs >= 8 training steps, got 7"),
+    ("eval_flow_matches_train", "stage1_param_only", (), {}, "residual branch is off"),
+    ("eval_flow_matches_train", "stage2_hybrid", (), {"instrumentation": False}, "no train-vs-eval flow"),
+    ("val_batches_repeat", "stage3_finetune", (val_augmented,), {"epochs": 1}, "needs fingerprints of >= 2"),
+    ("lr_not_mostly_zero", "stage2_hybrid", (lambda r: _drop(r, "train_step", "lr"),), {}, "no learning rate"),
 ]
 
 

@@ -231,7 +231,8 @@ def _learning_rate_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosi
     if peak is None:
         return []
     setting = f"train.lr={config_lr!r}" if config_lr is not None else f"the optimizer's lr peaked at {peak:g}"
-    claims = ["scores_move", "probe_checksums_change", "loss_decreases", *BASELINE_SIGNALS]
+    claims = ["scores_move", "probe_checksums_change", "loss_decreases", *BASELINE_SIGNALS,
+              "groups_move_with_gradients", "lr_not_mostly_zero", "params_track_ground_truth"]
     if peak <= 0:
         if config_lr is None:
             setting = "the optimizer's lr was 0 on every step"

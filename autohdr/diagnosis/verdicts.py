@@ -56,6 +56,12 @@ class JudgeConfig:
     init_ulps: float = 4.0                  # init prediction and loss may differ from identity's by this many
                                             # float32 steps of the grid (see float32_warp_tolerance)
     init_proxy_atol: float = 1e-3           # init proxy total may differ from identity's by this much
+    baseline_min_steps: int = 8             # beating identity / the constant lens / the residual-zeroed model
+                                            # needs this many steps: healthy 1-4-step overfit runs lose to
+                                            # identity (-31 % of the gap at 4), 8 steps beat both
+    timing_min_steps: int = 8               # data-time medians over fewer steps are mostly warm-up
+    group_min_steps: int = 2                # zero-initialized heads pass no gradient back (and the residual
+                                            # contributes exactly 0) on step 1 of a healthy run
     group_move_min_steps: int = 4           # a group "moving without gradient" needs this many steps to judge
     norm_agree_rtol: float = 0.01           # grad_norm_total may fall below a group's norm by this fraction
     loss_init_max_factor: float = 10.0      # first training loss vs identity's loss at init: within this factor
@@ -1094,10 +1100,27 @@ def judge(history: pd.DataFrame | str, cfg: JudgeConfig | None = None) -> list[V
         return [_judge_one(name, fn, history, cfg) for name, fn in SIGNALS.items()]
 
 
+#: Signals that mean nothing below a number of training steps: signal -> the JudgeConfig field with
+#: that number. Below it the signal is ``n/a`` naming the number (see JudgeConfig for the measurements).
+MIN_STEPS: dict[str, str] = {
+    "beats_identity": "baseline_min_steps", "beats_constant_lens": "baseline_min_steps",
+    "residual_helps": "baseline_min_steps", "not_data_bound": "timing_min_steps",
+    "backbone_learning": "group_min_steps", "param_head_learning": "group_min_steps",
+    "residual_head_learning": "group_min_steps", "residual_contributes": "group_min_steps",
+    "eval_residual_matches_train": "group_min_steps", "residual_not_inactive": "group_min_steps",
+}
+
+
 def _judge_one(name: str, fn: Callable[[pd.DataFrame, JudgeConfig], Verdict], history: pd.DataFrame,
                cfg: JudgeConfig) -> Verdict:
     """``fn(history, cfg)``; a signal that fails on a history it was not written for (text where numbers
     belong, a record cut short) says so as ``n/a`` instead of stopping the whole judgement."""
+    needed = getattr(cfg, MIN_STEPS.get(name, ""), 0) or 0
+    if needed:
+        have = len(_rows(history, "train_step"))
+        if have < needed:
+            return Verdict(name, None, f"needs >= {needed} training steps to mean anything, got {have}",
+                           {"min_steps": needed, "steps": have})
     try:
         return fn(history, cfg)
     except Exception as exc:  # noqa: BLE001 -- one odd history must not hide every other verdict

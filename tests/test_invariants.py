@@ -1,0 +1,147 @@
+"""Invariants any healthy run keeps, judged on real runs: short healthy runs are never BAD, the
+causes' declared evidence is what real runs write, and each new cause is named from the real
+signals' verdicts (no hand-made evidence)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from autohdr.diagnosis.causes import RULE_READS, RULES, diagnose
+from autohdr.diagnosis.debug import run_debug_mode
+from autohdr.diagnosis.metrics_log import read_metrics
+from autohdr.diagnosis.verdicts import MIN_STEPS, JudgeConfig, judge
+from tests import test_verdicts as tv
+from tests.holdout_faults import HEALTHY_CONTROLS, HOLDOUT
+
+
+# ---------------------------------------------------------------------------- minimum evidence
+
+@pytest.mark.parametrize("mode", ["overfit_stage1", "stage2_probe", "stage3_probe"])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_short_healthy_runs_are_never_bad(mode, steps, tmp_path):
+    """1, 2 and 4 steps of a healthy run (8 / 8 / 16 pairs at 64 px, batch 4, one epoch): every
+    signal GOOD or n/a (before the minimum-steps guards: backbone_learning, residual_contributes and
+    eval_residual_matches_train BAD at 1 step, beats_identity / beats_constant_lens / residual_helps
+    / not_data_bound at 2-4)."""
+    overrides = {"data.num_pairs": 8 if steps < 4 else 16, "data.resize_hw": [64, 64], "data.batch_size": 4}
+    if steps == 1:
+        overrides["train.max_steps_per_epoch"] = 1
+    report = run_debug_mode(mode, out_dir=tmp_path / "run", device="cpu", overrides=overrides, epochs=1,
+                            plots=False, log=lambda message: None)
+    assert report["figures"]["steps"] == steps
+    assert [v for v in report["verdicts"] if v["ok"] is False] == []
+
+
+def test_below_the_minimum_a_signal_says_na_with_the_number():
+    hist = tv.history("stage1_param_only", tv.backbone_starved, epochs=1, steps_per_epoch=1)
+    verdict = {v.signal: v for v in judge(hist)}["backbone_learning"]
+    assert verdict.ok is None and verdict.detail == "needs >= 2 training steps to mean anything, got 1"
+    # at the minimum, the same fault is BAD
+    hist = tv.history("stage1_param_only", tv.backbone_starved, epochs=1, steps_per_epoch=2)
+    assert {v.signal: v for v in judge(hist)}["backbone_learning"].ok is False
+    for signal, field in MIN_STEPS.items():
+        assert getattr(JudgeConfig(), field) >= 1, signal
+
+
+# ---------------------------------------------------------------------------- declared evidence
+
+def _key_written(key: str, histories) -> bool:
+    kind, _, name = key.partition(".")
+    for history in histories:
+        rows = history[history["kind"] == kind] if "kind" in history else history.iloc[0:0]
+        if name.startswith("config."):
+            config = rows.iloc[-1].get("config") if len(rows) and "config" in rows else None
+            if isinstance(config, dict) and name[len("config."):] in config:
+                return True
+        elif name.endswith("*"):
+            if any(c.startswith(name[:-1]) and rows[c].notna().any() for c in rows.columns):
+                return True
+        elif name in rows.columns and rows[name].notna().any():
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def real_histories(tmp_path_factory):
+    """A healthy debug run (stage 2), a healthy hand-written loop, and a run with out-of-range inputs."""
+    runs = dict(HEALTHY_CONTROLS)
+    out = []
+    for name, run in (("debug_stage2", runs["debug_stage2"]), ("hand_loop", runs["hand_loop"]),
+                      ("bad_inputs", next(f.run for f in HOLDOUT if f.name == "imagenet_normalized_inputs"))):
+        folder = tmp_path_factory.mktemp(name)
+        run(folder / "run")
+        out.append(read_metrics(folder / "run"))
+    return out
+
+
+def test_every_rule_declares_what_it_reads():
+    named = {rule.__name__ for rule in RULES}
+    assert named - set(RULE_READS) <= {"_pairs_mismatched", "_batch_repeats", "_diverged", "_optimizer_mismatch",
+                                       "_residual_hurts"}  # these read verdicts only
+
+
+def test_every_declared_evidence_key_is_written_by_a_real_run(real_histories):
+    missing = sorted({key for keys in RULE_READS.values() for key in keys
+                      if not _key_written(key, real_histories)})
+    assert missing == []
+
+
+def test_written_fields_are_not_the_only_check(real_histories):
+    # red case of the check itself: a key no run writes is reported missing
+    assert not _key_written("train_step.batch_sample_ids", real_histories)
+    assert not _key_written("run_start.config.no_such_setting", real_histories)
+
+
+# ---------------------------------------------------------------------------- causes from the real signals
+
+def _with_optimizer_groups(records, groups):
+    records = copy.deepcopy(records)
+    for rec in records:
+        if rec["kind"] == "run_start":
+            rec["optimizer_groups"] = groups
+        if rec["kind"] == "train_step":
+            rec["lr_groups"] = [g["lr"] for g in groups]
+    return records
+
+
+CAUSE_CASES = {
+    "group_lr_zero": ("stage1_param_only", [tv.group_lr_zero, lambda r: _with_optimizer_groups(r, [
+        {"lr": 0.0, "groups": ["backbone"], "tensors": 10}, {"lr": 1e-3, "groups": ["param_head"], "tensors": 4}])],
+        {"groups_move_with_gradients"}),
+    "metric_wiring": ("stage2_hybrid", [tv.norm_before_backward], {"logged_quantities_agree"}),
+    "loss_summed": ("stage2_hybrid", [tv.loss_summed], {"logged_quantities_agree", "train_val_agree"}),
+    "eval_differs_from_train": ("stage1_param_only", [tv.eval_other_weights], {"train_val_agree"}),
+    "wrong_lens": ("stage1_param_only", [tv.wrong_lens], {"params_track_ground_truth"}),
+    "eval_residual_off": ("stage2_hybrid", [tv.residual_flipped_at_eval], {"eval_flow_matches_train"}),
+    "val_random": ("stage3_finetune", [tv.val_augmented], {"val_batches_repeat"}),
+    "lr_schedule_zero": ("stage1_param_only", [tv.lr_schedule_ends],
+                         {"lr_not_mostly_zero", "groups_move_with_gradients", "probe_checksums_change"}),
+    "optimizer_hparams": ("stage1_param_only", [tv.loss_flat, lambda r: _with_optimizer_groups(r, [
+        {"lr": 1e-3, "eps": 1.0, "weight_decay": 1e-4, "groups": ["backbone", "param_head"], "tensors": 14}])],
+        {"loss_decreases"}),
+}
+
+
+@pytest.mark.parametrize("cause_id", list(CAUSE_CASES))
+def test_each_cause_is_named_from_the_real_signals(cause_id):
+    stage, faults, expected_bad = CAUSE_CASES[cause_id]
+    hist = tv.history(stage, *faults)
+    verdicts = judge(hist)
+    assert {v.signal for v in verdicts if v.ok is False} == expected_bad
+    diagnoses = diagnose(verdicts, hist)
+    assert [d.cause_id for d in diagnoses] == [cause_id], diagnoses
+    assert set(diagnoses[0].signals) == expected_bad
+
+
+def test_frozen_only_when_the_gradient_is_really_zero():
+    """Gradients on every step and no group moving is a skipped update, not a frozen group; a group
+    whose gradient is zero is frozen or detached."""
+    moving_nothing = lambda r: tv._edit(r, "train_step", **{f"param_delta_{g}": 0.0 for g in tv.GROUPS})
+    hist = tv.history("stage1_param_only", moving_nothing)
+    causes = [d.cause_id for d in diagnose(judge(hist), hist)]
+    assert causes[0] == "update_skipped" and not any(c.startswith("frozen_") for c in causes)
+    hist = tv.history("stage1_param_only", tv.backbone_starved)
+    assert [d.cause_id for d in diagnose(judge(hist), hist)] == ["frozen_backbone"]
