@@ -10,6 +10,13 @@ started again. A healthy model should leave every signal GOOD or n/a in every ru
 
     .venv/bin/python scripts/healthy_sweep.py RESULTS [--modes stage2_probe stage3_probe] [--seeds 0 1 2]
     .venv/bin/python scripts/healthy_sweep.py RESULTS --summary      # the table only
+    .venv/bin/python scripts/healthy_sweep.py RESULTS --dataset photos  # a second dataset, see below
+
+``--dataset photos`` trains on pairs generated at run time (into a temporary folder) from photographs
+the fixtures do not use (matplotlib's bundled sample images), with scripts/make_fixture_dataset.py's
+own pair generator, stored at a non-square size (PHOTO_STORED_HW) and trained at non-square sizes
+(PHOTO_VARIATIONS). The lens model works in normalized coordinates, so resizing a pair (input and
+target alike) to another aspect ratio keeps its ground truth exact.
 
 Runs go to temporary folders that are removed afterwards; the data root is only read.
 """
@@ -44,14 +51,66 @@ VARIATIONS: tuple[tuple[str, str | None, object], ...] = (
 )
 
 
-def _key(mode: str, label: str, seed: int) -> str:
-    return f"{mode}|{label}|{seed}"
+#: The photo dataset's variations: non-square training sizes (H and W divisible by 16); a key of
+#: ``None`` with a dict value sets several keys.
+PHOTO_VARIATIONS: tuple[tuple[str, str | None, object], ...] = (
+    ("photos 96x144", "data.resize_hw", [96, 144]),
+    ("photos 128x96", "data.resize_hw", [128, 96]),
+    ("photos 112x160 batch 4", None, {"data.resize_hw": [112, 160], "data.batch_size": 4}),
+)
+#: Matplotlib's bundled photographs (none of them in the fixtures): name -> sample-data file.
+PHOTO_SOURCES = {"grace_hopper": "grace_hopper.jpg", "present_pack": "Minduka_Present_Blue_Pack.png"}
+PHOTO_PAIRS, PHOTO_SIZE, PHOTO_STORED_HW = 32, 192, (160, 240)
+
+
+def _matplotlib_photo(file_name: str):
+    def load():
+        import numpy as np
+        from matplotlib import cbook
+        from PIL import Image
+        with Image.open(cbook.get_sample_data(file_name, asfileobj=False)) as image:
+            return np.asarray(image.convert("RGB"))
+    return load
+
+
+def make_photo_dataset(folder: Path, seed: int = 0, pairs: int = PHOTO_PAIRS) -> Path:
+    """Generate ``pairs`` pairs from :data:`PHOTO_SOURCES` into ``folder`` with
+    make_fixture_dataset's generator (square, then each image resized to PHOTO_STORED_HW); returns the
+    data root (``folder/pairs``; ground truth in ``folder/ground_truth.csv``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import make_fixture_dataset as mfd
+    from PIL import Image
+    saved_sources, saved_cache = dict(mfd.SOURCES), dict(mfd._SOURCE_CACHE)
+    mfd.SOURCES.clear()
+    mfd.SOURCES.update({name: (_matplotlib_photo(file), 1) for name, file in PHOTO_SOURCES.items()})
+    mfd._SOURCE_CACHE.clear()
+    try:
+        mfd.generate(folder, seed=seed, pairs=pairs, size=PHOTO_SIZE, check=0, log=lambda message: None)
+    finally:
+        mfd.SOURCES.clear()
+        mfd.SOURCES.update(saved_sources)
+        mfd._SOURCE_CACHE.clear()
+        mfd._SOURCE_CACHE.update(saved_cache)
+    height, width = PHOTO_STORED_HW
+    for path in sorted((folder / "pairs").glob("*.jpg")):
+        with Image.open(path) as image:
+            resized = image.convert("RGB").resize((width, height), Image.BILINEAR)
+        resized.save(path, quality=mfd.JPEG_QUALITY)
+    return folder / "pairs"
+
+
+def _key(mode: str, label: str, seed: int, dataset: str = "fixtures") -> str:
+    return f"{mode}|{label}|{seed}" + ("" if dataset == "fixtures" else f"|{dataset}")
 
 
 def run_one(mode: str, label: str, key: str | None, value: object, seed: int, data_root: str | None) -> dict:
-    """One healthy run of ``mode`` with one override; its verdicts as ``{signal: [ok, detail]}``."""
+    """One healthy run of ``mode`` with one override (``key=None`` with a dict: those overrides);
+    its verdicts as ``{signal: [ok, detail]}``."""
     preset = load_preset(mode)
-    overrides = {} if key is None else {key: value(preset) if callable(value) else value}
+    if key is None:
+        overrides = dict(value) if isinstance(value, dict) else {}
+    else:
+        overrides = {key: value(preset) if callable(value) else value}
     out = Path(tempfile.mkdtemp(prefix="autohdr-sweep-"))
     started = time.perf_counter()
     try:
@@ -66,12 +125,18 @@ def run_one(mode: str, label: str, key: str | None, value: object, seed: int, da
             "verdicts": {v["signal"]: [v["ok"], v["detail"]] for v in report["verdicts"]}}
 
 
+def _group(record: dict) -> str:
+    """A summary row's name: the mode, with the dataset when it is not the fixtures."""
+    dataset = record.get("dataset", "fixtures")
+    return record["mode"] if dataset == "fixtures" else f"{record['mode']} [{dataset}]"
+
+
 def summarize(records: list[dict]) -> str:
     """Per mode: runs, runs with any BAD signal, BAD count per signal (with the variations), and
     the smallest loss drop ``loss_decreases`` saw."""
     lines = []
-    for mode in sorted({r["mode"] for r in records}):
-        mine = [r for r in records if r["mode"] == mode]
+    for mode in sorted({_group(r) for r in records}):
+        mine = [r for r in records if _group(r) == mode]
         bad = Counter()
         where: dict[str, list[str]] = {}
         for r in mine:
@@ -95,22 +160,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--data-root", default=None, help="default: the embedded fixtures")
     parser.add_argument("--summary", action="store_true", help="print the table of RESULTS and stop")
+    parser.add_argument("--dataset", choices=("fixtures", "photos"), default="fixtures",
+                        help="photos: pairs generated now from matplotlib's photographs, non-square sizes")
+    parser.add_argument("--variations", nargs="+", default=None, help="only these variation labels")
     args = parser.parse_args(argv)
     records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.is_file() else []
     if not args.summary:
-        done = {_key(r["mode"], r["variation"], r["seed"]) for r in records}
-        todo = [(m, v, s) for m in args.modes for v in VARIATIONS for s in args.seeds
-                if _key(m, v[0], s) not in done]
-        for index, (mode, (label, key, value), seed) in enumerate(todo, 1):
-            record = run_one(mode, label, key, value, seed, args.data_root)
-            with args.results.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            records.append(record)
-            bad = [s for s, (ok, _) in record["verdicts"].items() if ok is False]
-            print(f"[{index}/{len(todo)}] {mode} {label} seed {seed}: {record['wall_s']} s, "
-                  f"{'ALL GOOD' if record['all_good'] else 'BAD ' + ', '.join(bad)}", flush=True)
+        done = {_key(r["mode"], r["variation"], r["seed"], r.get("dataset", "fixtures")) for r in records}
+        variations = PHOTO_VARIATIONS if args.dataset == "photos" else VARIATIONS
+        if args.variations:
+            variations = tuple(v for v in variations if v[0] in args.variations)
+        todo = [(m, v, s) for m in args.modes for v in variations for s in args.seeds
+                if _key(m, v[0], s, args.dataset) not in done]
+        data_root, photo_dir = args.data_root, None
+        if args.dataset == "photos" and todo:
+            photo_dir = Path(tempfile.mkdtemp(prefix="autohdr-photos-"))
+            data_root = str(make_photo_dataset(photo_dir))
+        try:
+            _run_all(todo, data_root, args, records)
+        finally:
+            if photo_dir is not None:
+                shutil.rmtree(photo_dir, ignore_errors=True)
     print(summarize(records) if records else "no runs recorded")
     return 0
+
+
+def _run_all(todo: list, data_root: str | None, args: argparse.Namespace, records: list[dict]) -> None:
+    """Run ``todo`` (mode, variation, seed) in order, appending each record to the results file."""
+    for index, (mode, (label, key, value), seed) in enumerate(todo, 1):
+        record = run_one(mode, label, key, value, seed, data_root)
+        record["dataset"] = args.dataset
+        with args.results.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        records.append(record)
+        bad = [s for s, (ok, _) in record["verdicts"].items() if ok is False]
+        print(f"[{index}/{len(todo)}] {mode} {label} seed {seed}: {record['wall_s']} s, "
+              f"{'ALL GOOD' if record['all_good'] else 'BAD ' + ', '.join(bad)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,47 @@ def test_an_unknown_mode_is_refused(sweep, tmp_path, capsys):
         sweep.main([str(tmp_path / "x.jsonl"), "--modes", "stage9"])
     assert exit_info.value.code == 2 and "invalid choice: 'stage9'" in capsys.readouterr().err
     assert not Path(tmp_path / "x.jsonl").exists()
+
+
+def test_photo_dataset_is_generated_from_other_photographs_at_a_non_square_size(sweep, tmp_path):
+    import sys
+    from PIL import Image
+    import pandas as pd
+    root = sweep.make_photo_dataset(tmp_path / "photos", pairs=4)
+    inputs = sorted(root.glob("*_original.jpg"))
+    assert len(inputs) == 4 and len(list(root.glob("*_generated.jpg"))) == 4
+    for path in inputs:
+        with Image.open(path) as image:
+            assert image.size == (sweep.PHOTO_STORED_HW[1], sweep.PHOTO_STORED_HW[0])  # (W, H), not square
+    truth = pd.read_csv(tmp_path / "photos" / "ground_truth.csv")
+    assert len(truth) == 4 and set(truth["source"]) <= set(sweep.PHOTO_SOURCES)
+    fixtures = sys.modules["make_fixture_dataset"]
+    assert not set(sweep.PHOTO_SOURCES) & set(fixtures.SOURCES)  # photographs the fixtures do not use
+    assert "brick" in fixtures.SOURCES  # and the generator's own sources are restored afterwards
+
+
+def test_photo_sweep_runs_its_non_square_variations_on_a_temporary_dataset(sweep, tmp_path, monkeypatch, capsys):
+    made, calls = [], []
+
+    def fake_dataset(folder):
+        made.append(folder)
+        (folder / "pairs").mkdir(parents=True)
+        return folder / "pairs"
+
+    def fake_run(mode, label, key, value, seed, data_root):
+        calls.append((label, key, value, data_root))
+        return record(mode, label, seed)
+
+    monkeypatch.setattr(sweep, "make_photo_dataset", fake_dataset)
+    monkeypatch.setattr(sweep, "run_one", fake_run)
+    results = tmp_path / "sweep.jsonl"
+    assert sweep.main([str(results), "--dataset", "photos", "--modes", "stage2_probe", "--seeds", "0"]) == 0
+    sizes = [value if key else value["data.resize_hw"] for _, key, value, _ in calls]
+    assert len(calls) == 3 and all(h != w for h, w in sizes)
+    assert calls[2][1:3] == (None, {"data.resize_hw": [112, 160], "data.batch_size": 4})
+    assert {root for *_, root in calls} == {str(made[0] / "pairs")} and not made[0].exists()  # removed after
+    assert all(json.loads(line)["dataset"] == "photos" for line in results.read_text().splitlines())
+    assert "stage2_probe [photos]: 3 healthy runs, 0 with a BAD signal" in capsys.readouterr().out
+    calls.clear()
+    assert sweep.main([str(results), "--dataset", "photos", "--modes", "stage2_probe", "--seeds", "0"]) == 0
+    assert calls == [] and len(made) == 1  # all recorded: no dataset generated, nothing re-run
