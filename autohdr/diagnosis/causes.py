@@ -225,6 +225,12 @@ def _batch_repeats(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
 def _learning_rate_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
     """A learning rate of 0, or absurdly small: nothing can move."""
     step_lr = _numbers(_rows(run.history, "train_step"), "lr")
+    groups_lr = _rows(run.history, "train_step").get("lr_groups")
+    if groups_lr is not None:  # the highest rate of any param group: one group at 0 is _group_lr_zero's
+        peaks = groups_lr.dropna().map(lambda v: max((float(x) for x in v), default=math.nan)
+                                       if isinstance(v, list) else math.nan).dropna()
+        if len(peaks):
+            step_lr = peaks
     config_lr = _config(run.history).get("lr")
     reference_lr = run.reference_lr
     peak = float(step_lr.max()) if len(step_lr) else (float(config_lr) if config_lr is not None else None)
