@@ -25,6 +25,17 @@ KNOWN_MISSES: dict[str, str] = {
                                "baselines go BAD; no rule reads a rising gradient norm (grad_accumulates)",
 }
 
+#: signal -> the hold-out fault that must turn it red (the invariants' red case on a real run).
+PROVEN_BY_HOLDOUT: dict[str, str] = {
+    "groups_move_with_gradients": "backbone_group_lr_zero",
+    "logged_quantities_agree": "norm_before_backward",
+    "train_val_agree": "slow_ema_at_eval",
+    "params_track_ground_truth": "train_targets_off_by_one",
+    "eval_flow_matches_train": "residual_flips_at_eval",
+    "val_batches_repeat": "val_random_flips",
+    "lr_not_mostly_zero": "schedule_one_epoch_floor0",
+}
+
 _RESULTS: dict[str, dict] = {}
 
 
@@ -45,6 +56,12 @@ def test_holdout_fault_is_caught_with_its_cause(name, tmp_path_factory, request)
     assert result["caught"], f"{name}: no signal BAD (expected {fault.expected_signals})"
     assert result["right_cause"], (f"{name}: causes {result['cause_ids']} for BAD {result['bad_signals']}, "
                                    f"expected one of {fault.expected_causes}: {json.dumps(result['detail'])[:800]}")
+
+
+@pytest.mark.parametrize("signal", list(PROVEN_BY_HOLDOUT))
+def test_invariant_is_red_on_its_holdout_fault(signal, tmp_path_factory):
+    result = _result(PROVEN_BY_HOLDOUT[signal], tmp_path_factory)
+    assert signal in result["bad_signals"], (signal, result["bad_signals"])
 
 
 @pytest.mark.parametrize("name,run", HEALTHY_CONTROLS, ids=[n for n, _ in HEALTHY_CONTROLS])
