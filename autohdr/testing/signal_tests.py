@@ -50,10 +50,16 @@ def failure_message(run: JudgedRun, signal: str) -> str:
 def test_signal(autohdr_run, autohdr_mode: str, autohdr_signal: str) -> None:
     run = autohdr_run(autohdr_mode)
     verdict = run.verdict(autohdr_signal)
+    error = run.report.get("error")
+    if run.report.get("interrupted"):
+        pytest.fail(f"the {autohdr_mode} run was interrupted before it finished: run folder {run.out_dir}", pytrace=False)
     if verdict.ok is None:
-        pytest.skip(f"n/a: {autohdr_mode} {autohdr_signal}: {verdict.detail}")
+        stopped = f" (the run stopped early: {error})" if error else ""
+        pytest.skip(f"n/a: {autohdr_mode} {autohdr_signal}: {verdict.detail}{stopped}")
     if verdict.ok is False:
         pytest.fail(failure_message(run, autohdr_signal), pytrace=False)
+    if error and not any(v.ok is False for v in run.verdicts):  # a crash no signal explains: nothing is proven
+        pytest.fail(f"the {autohdr_mode} run stopped: {error} (run folder {run.out_dir})", pytrace=False)
 
 
 def test_gpu_throughput(benchmark, autohdr_config, autohdr_data_root, tmp_path) -> None:
