@@ -7,7 +7,7 @@ Per mode, ``--runs`` times each (medians reported):
   from spawn to exit. Its parts come from the run's ``timings.json``: ``imports`` (spawn until
   ``run_debug_mode`` starts: interpreter, torch, autohdr), ``setup`` (preset, data scan, loaders,
   model, optimizer: AdamW's first use imports ``torch._dynamo``), ``init_check``, ``training``,
-  ``validation``, ``checkpoints``, ``judging``, ``report_json``, ``on_verdict`` (the table printed),
+  ``validation``, ``checkpoints``, ``fail_fast`` (its early checks), ``judging``, ``report_json``, ``on_verdict`` (the table printed),
   ``plots``, ``report_html``, and ``exit`` (the rest: interpreter shutdown);
 * **bare**: a fresh process (this script with ``--bare``) that imports torch and autohdr's model,
   geometry and losses, builds the model and AdamW exactly as the trainer does and takes the same
@@ -36,7 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 #: The parts of the whole command, in the order they happen (``timings.json`` keys, plus imports/exit).
-PARTS: tuple[str, ...] = ("imports", "setup", "init_check", "training", "validation", "checkpoints", "judging",
+PARTS: tuple[str, ...] = ("imports", "setup", "init_check", "training", "validation", "checkpoints", "fail_fast",
+                          "judging",
                           "report_json", "on_verdict", "plots", "report_html", "exit")
 
 

@@ -394,3 +394,29 @@ def test_warp_cuda(benchmark, cuda_device):
                                  "device": str(cuda_device), "amp_dtype": str(GPU_AMP_DTYPE), "channels_last": True})
     record_rate(benchmark, WARP_BATCH, unit="images")
     record_cuda_memory(benchmark, cuda_device)
+
+
+# ----------------------------------------------------------------------------- time to a verdict (CPU)
+
+#: A probe of seconds: 8 pairs at 64x64, batch 4, one epoch (2 steps), judged, no figures.
+VERDICT_OVERRIDES = {"data.num_pairs": 8, "data.batch_size": 4, "data.resize_hw": [64, 64]}
+
+
+@pytest.mark.benchmark(group="verdict")
+def test_time_to_verdict_stage2_probe_small(benchmark, tmp_path):
+    """``run_debug_mode("stage2_probe")`` in-process on a small config: set-up, 2 steps, validation,
+    judging, report (no figures). ``scripts/bench_verdict.py`` times the whole command; this one is
+    here so ``--benchmark-compare`` can flag a slower verdict against a saved run."""
+    from autohdr.diagnosis.debug import run_debug_mode
+
+    runs = iter(range(1000))
+
+    def verdict():
+        return run_debug_mode("stage2_probe", out_dir=tmp_path / f"run{next(runs)}", device="cpu", epochs=1,
+                              overrides=dict(VERDICT_OVERRIDES), plots=False, log=lambda message: None)
+
+    report = benchmark.pedantic(verdict, rounds=3, warmup_rounds=1, iterations=1)
+    assert report["verdicts"] and report["error"] is None and report["stopped_early"] is None
+    assert report["figures"]["steps"] == 2
+    parts = report["timings"]["parts_s"]
+    benchmark.extra_info.update({f"{part}_s": seconds for part, seconds in parts.items()})

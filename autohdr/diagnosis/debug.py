@@ -10,6 +10,7 @@ every signal from the run's own ``metrics.jsonl`` and writes, under ``out_dir``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -19,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -34,7 +36,7 @@ from autohdr.diagnosis.presets import DataPreset, DebugPreset, load_preset, over
 from autohdr.data.settings import DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
 from autohdr.data.split_files import check_replaceable, write_owned_files
 from autohdr.training.trainer import NonFiniteLossError, Trainer
-from autohdr.diagnosis.verdicts import SIGNALS, Verdict, all_good, interruption, judge
+from autohdr.diagnosis.verdicts import SIGNALS, Verdict, all_good, interruption, judge, numeric_history
 from autohdr.diagnosis.causes import diagnose
 
 #: Environment variables that override a preset's ``[data]`` table, and the field each sets.
@@ -245,10 +247,18 @@ class FailFast:
         if coverage is not None:
             history = pd.concat([history, pd.DataFrame([{"kind": "run_end", "optimizer_coverage": coverage}])],
                                 ignore_index=True)
-        bad = [v for v in judge(history, self.judge_config) if v.signal in names and v.ok is False]
+        bad = [v for v in map(functools.partial(self._verdict, numeric_history(history)), names) if v.ok is False]
         self.checked.append({"point": point, "step": step, "seconds": time.perf_counter() - started})
         if bad:
             raise StructuralFaultError(bad, point, step)
+
+    def _verdict(self, history: pd.DataFrame, name: str) -> Verdict:
+        """The signal's own verdict function (as :func:`judge` calls it); a failure is not a BAD."""
+        try:
+            with np.errstate(all="ignore"):
+                return SIGNALS[name](history, self.judge_config)
+        except Exception as exc:  # noqa: BLE001 -- an undecidable signal must not stop a healthy run
+            return Verdict(name, None, f"not judged early: {type(exc).__name__}: {exc}")
 
 
 def default_out_dir(mode: str) -> Path:
@@ -292,7 +302,8 @@ def run_debug_mode(
     start); the final judgement then covers what ran.
 
     The seconds each part took are written to ``timings.json`` last (``started_unix``, ``parts_s``:
-    ``setup``, ``init_check``, ``training``, ``validation``, ``checkpoints``, ``judging``,
+    ``setup``, ``init_check``, ``training``, ``validation``, ``checkpoints``, ``fail_fast`` (its
+    checks), ``judging``,
     ``report_json``, ``plots``, ``report_html``) and returned under ``report["timings"]``
     (``scripts/bench_verdict.py`` reads them).
     """
@@ -376,6 +387,8 @@ def run_debug_mode(
         fit_parts = {k: v for k, v in trainer.timings.items() if k != "fit"}
         parts.update(fit_parts, training=max(0.0, parts.pop("fit") - sum(fit_parts.values())))
         report: dict[str, Any] = {}
+        if early is not None:  # the checks run inside training steps and validations: counted apart
+            fit_parts["fail_fast"] = sum(check["seconds"] for check in early.checked)
         if dist_ctx.is_main:
             history = read_metrics(out)
             verdicts = judge(history, preset.judge)
