@@ -176,6 +176,10 @@ def _judge(args) -> int:
     else:
         cfg = load_preset(mode).judge
     history = read_metrics(args.run_dir)
+    if mode is None and not (isinstance(stored.get("config"), dict) and stored["config"].get("judge")):
+        # a run of the user's own loop (attach / hooks): judged as what its run_start says it is
+        from autohdr.diagnosis.run_intent import judge_config_for
+        cfg = judge_config_for(history, cfg)
     verdicts = judge(history, cfg)
     good = all_good(verdicts)
     stopped = interruption(history)  # an interrupted run is judged on what it ran, and says so

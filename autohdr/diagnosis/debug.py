@@ -372,6 +372,8 @@ def run_debug_mode(
         early = FailFast(out, preset.judge, lambda: trainer) if fail_fast and not dist_ctx.enabled else None
         trainer = Trainer(model, train_cfg, train_loader, val_loader, out_dir=out, device=torch_device,
                           ground_truth=ground_truth, dist_ctx=dist_ctx, log=log, groups=groups, early_check=early)
+        trainer.hooks.run_info = {"mode": preset.mode, "judge_config": to_dict(preset.judge),
+                                  "intent": "overfit" if preset.judge.require_beats_constant_lens else "probe"}
         error, stopped_early = None, None
         lap("setup")
         try:
@@ -385,10 +387,10 @@ def run_debug_mode(
                              "after_s": time.perf_counter() - started}
         lap("fit")
         fit_parts = {k: v for k, v in trainer.timings.items() if k != "fit"}
-        parts.update(fit_parts, training=max(0.0, parts.pop("fit") - sum(fit_parts.values())))
-        report: dict[str, Any] = {}
         if early is not None:  # the checks run inside training steps and validations: counted apart
             fit_parts["fail_fast"] = sum(check["seconds"] for check in early.checked)
+        parts.update(fit_parts, training=max(0.0, parts.pop("fit") - sum(fit_parts.values())))
+        report: dict[str, Any] = {}
         if dist_ctx.is_main:
             history = read_metrics(out)
             verdicts = judge(history, preset.judge)

@@ -49,6 +49,7 @@ from autohdr.diagnosis.instrumentation import (
     grad_norms, group_summary, params_at_bound_fraction, parameter_groups, unwrap_model,
 )
 from autohdr.diagnosis.metrics_log import MetricsWriter
+from autohdr.diagnosis.run_intent import refuse_existing_run
 from autohdr.lens.evaluation import Correction, correct, score_subset
 from autohdr.lens.geometry import WarpResult, apply_correction, grid_statistics, identity_params
 from autohdr.lens.losses import LossWeights, composite_loss
@@ -59,6 +60,10 @@ from autohdr.training.distributed import SINGLE, DistContext, gather_objects
 
 #: ``loss_fn(correction, target) -> (total (0-d), {component: 0-d tensor})``
 LossFn = Callable[[Correction, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+#: a step whose gradient norm at the optimizer is this much (relative) below the norm after
+#: backward was clipped by the loop (float32 summation order differs by far less)
+CLIP_DETECT_RTOL = 1e-3
 
 IDENTITY_PARAMS: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -134,6 +139,10 @@ class Instrumentation:
                  non_finite_hint: str = "Lower the learning rate or check the inputs") -> None:
         self.model = model
         self.non_finite_hint = non_finite_hint
+        #: written into ``run_start``: what the run is (``intent``: overfit / probe / training, the
+        #: ``mode`` of a debug run) and the ``judge_config`` in effect, so ``autohdr judge`` judges it
+        #: as what it is (see :func:`autohdr.diagnosis.run_intent.judge_config_for`).
+        self.run_info: dict[str, Any] = {"intent": "training"}
         self.core = unwrap_model(model)
         self.optimizer = optimizer
         self.spec = stage_spec(stage)
@@ -203,6 +212,8 @@ class Instrumentation:
 
         ``val_batches`` gives the fixed probe (its first ``probe_max_samples`` samples).
         """
+        if resume_step is None and self.dist.is_main:
+            refuse_existing_run(self.metrics.path.parent)
         if val_batches is not None:
             self.probe_batch(val_batches)
         if resume_step is not None:
@@ -218,6 +229,7 @@ class Instrumentation:
                   "notices": list(self.notices),
                   "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad) for n, ps in self.groups.items()},
                   "optimizer_groups": optimizer_groups(self.optimizer, self.groups)}
+        record.update(self.run_info)
         record.update(info or {})
         self.write(record)
         for notice in self.notices:
@@ -273,12 +285,16 @@ class Instrumentation:
         """Optional: splits forward from backward time (otherwise both count as backward)."""
         self._timer.mark("forward")
 
-    def on_after_backward(self) -> None:
-        """Gradient norms per group, read here: after backward (and DDP's all-reduce), before clipping."""
+    def on_after_backward(self, group_grad_norms: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Gradient norms per group, read here: after backward (and DDP's all-reduce), before clipping.
+
+        ``group_grad_norms``: the norms measured elsewhere (``autohdr.attach`` takes them as each
+        gradient is accumulated, before the loop clips), instead of reading the gradients now."""
         self._timer.mark("backward")
         self._grad_tensors = {}
         if self.config.instrument:
-            for name, value in grad_norms(self._measured).items():
+            measured = group_grad_norms if group_grad_norms is not None else grad_norms(self._measured)
+            for name, value in measured.items():
                 self._grad_tensors[f"grad_norm_{name}"] = value.detach().float()
             self._coverage.observe(self.core)
             self._timer.mark("instrumentation")
@@ -286,7 +302,7 @@ class Instrumentation:
     def on_train_batch_end(self, loss: torch.Tensor, correction: Correction | None = None, *,
                            components: Mapping[str, torch.Tensor] | None = None, batch_size: int | None = None,
                            lr: float | None = None, grad_norm_total: torch.Tensor | None = None,
-                           clip_norm: float | None = None) -> dict:
+                           clip_norm: float | None = None, grad_norm_at_step: torch.Tensor | None = None) -> dict:
         """After the optimizer step: parameter deltas, geometry, flags; writes the ``train_step`` record.
 
         Args:
@@ -297,6 +313,9 @@ class Instrumentation:
             lr: the learning rate this step used (default: the optimizer's first group's).
             grad_norm_total: the norm ``clip_grad_norm_`` returned (default: from the group norms).
             clip_norm: the clip threshold, for ``grad_clipped``.
+            grad_norm_at_step: the norm of the gradients the optimizer stepped with (after any
+                clipping); without ``clip_norm``, a step whose norm is below ``grad_norm_total`` was
+                clipped, and that norm is recorded as the step's observed ``clip_norm``.
 
         Returns the record (plain floats), as written.
         """
@@ -308,6 +327,8 @@ class Instrumentation:
             grad_norm_total = torch.stack(list(self._grad_tensors.values())).square().sum().sqrt()
         if grad_norm_total is not None:
             tensors["grad_norm_total"] = grad_norm_total.detach()
+        if grad_norm_at_step is not None:
+            tensors["optimizer_grad_norm"] = grad_norm_at_step.detach()
         tensors.update(self._batch_tensors)
         if self.config.instrument:
             tracker = self._tracker or ParamDeltaTracker(self._measured)
@@ -330,6 +351,12 @@ class Instrumentation:
         record.update(zip(names, values))
         if "grad_norm_total" in record:
             record["grad_clipped"] = bool(clip_norm is not None and record["grad_norm_total"] > clip_norm)
+            if clip_norm is not None:
+                record["clip_norm"] = float(clip_norm)
+            if clip_norm is None and "optimizer_grad_norm" in record:
+                clipped = record["optimizer_grad_norm"] < record["grad_norm_total"] * (1.0 - CLIP_DETECT_RTOL)
+                record["grad_clipped"] = bool(clipped)
+                record["clip_norm"] = record["optimizer_grad_norm"] if clipped else None
         if self.optimizer is not None and "lr_groups" not in record:
             record["lr_groups"] = [float(group["lr"]) for group in self.optimizer.param_groups]
         self._epoch_losses.append(record["loss"])
@@ -452,8 +479,13 @@ class Instrumentation:
             identity_warp = _identity_warp(image)
             identity = identity_warp.prediction
             model_loss, _ = self.loss_fn(correction, target)
-            # The same loss on the identity warp (no residual flow: its terms are exact zeros).
-            identity_loss, _ = self.loss_fn(Correction(_identity_params(image), None, identity_warp, image), target)
+            # The same loss on the identity warp, given the outputs the model gives: a model that
+            # passes a (zero) flow is compared with identity passing a zero flow of the same shape, so
+            # a regularizer with a floor at zero flow (sqrt(x^2 + eps)) counts the same on both sides.
+            flow = correction.residual_flow_lowres
+            identity_flow = torch.zeros_like(flow) if flow is not None else None
+            identity_loss, _ = self.loss_fn(Correction(_identity_params(image), identity_flow, identity_warp, image),
+                                            target)
             return {
                 "init_image_height": int(image.shape[-2]), "init_image_width": int(image.shape[-1]),
                 "init_pred_max_abs_diff": float((correction.prediction - identity).abs().max()),
