@@ -239,8 +239,10 @@ class TestConfiguration:
 
     def test_gpu_benchmark_skips_with_the_reason_without_cuda(self, pytester, user_data, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # the inner run is not a worker
+            monkeypatch.delenv(name, raising=False)
         user_repo(pytester, user_data)
-        result = pytester.runpytest("-m", "gpu", "--benchmark-only")
+        result = pytester.runpytest("-m", "gpu", "--benchmark-only", "-p", "no:xdist")
         result.assert_outcomes(skipped=1, deselected=len(SIGNALS))
         result.stdout.fnmatch_lines([f"SKIPPED*{NO_CUDA_REASON}*"])
 

@@ -256,7 +256,9 @@ class Instrumentation:
         if epoch is None:
             epoch = self.epoch + 1 if self._epoch_started else 0
         self.epoch, self._epoch_started = epoch, True
-        self._epoch_ids, self._epoch_losses = set(), []  # this epoch's training samples and losses
+        if epoch != getattr(self, "_resumed_epoch", None):
+            self._epoch_ids, self._epoch_losses = set(), []  # this epoch's training samples and losses
+        self._resumed_epoch = None
         self._timer.start()
         self._step_wall_start = _now()
 
@@ -643,7 +645,9 @@ class Instrumentation:
         return {"global_step": self.global_step, "epoch": self.epoch, "best_score": self.best_score,
                 "best_epoch": self.best_epoch,
                 "inactivity_monitor": ({"consecutive": self._monitor.consecutive, "fired": self._monitor.fired}
-                                       if self._monitor is not None else None)}
+                                       if self._monitor is not None else None),
+                # the epoch in hand's training losses and samples (train_val_agree after a mid-epoch resume)
+                "epoch_losses": [float(x) for x in self._epoch_losses], "epoch_ids": sorted(self._epoch_ids)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.global_step = int(state.get("global_step", 0))
@@ -651,6 +655,9 @@ class Instrumentation:
         self._epoch_started = True
         self.best_score = float(state.get("best_score", -math.inf))
         self.best_epoch = int(state.get("best_epoch", -1))
+        self._epoch_losses = [float(x) for x in state.get("epoch_losses", [])]
+        self._epoch_ids = {str(i) for i in state.get("epoch_ids", [])}
+        self._resumed_epoch = self.epoch  # its next on_train_epoch_start continues this epoch's figures
         monitor = state.get("inactivity_monitor")
         if self._monitor is not None and monitor is not None:
             self._monitor.consecutive = int(monitor["consecutive"])
