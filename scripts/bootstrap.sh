@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install autohdr with its test tools at the pinned versions.
+# Create .venv (if missing) and install autohdr with its test tools and the lightning extra at the pinned versions.
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,9 +9,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.autohdr-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  echo "bootstrap: installing autohdr[test] with constraints.txt (torch 2.13.0 CPU build)" >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] \
+   || [ scripts/bootstrap.sh -nt "$stamp" ]; then
+  echo "bootstrap: installing autohdr[test,lightning] with constraints.txt (torch 2.13.0 CPU build)" >&2
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,lightning]"
   touch "$stamp"
 fi
 # Chromium (Debian package) for the report's headless-browser test. Installed only when missing, as
