@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from autohdr.diagnosis.presets import MODES
+from autohdr.runs.presets import MODES
 from autohdr.training.distributed import launched_by_torchrun
 
 EXIT_OK, EXIT_BAD_SIGNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -113,7 +113,7 @@ def _summary_line(headline: str, report_file: Path) -> str:
 
 
 def _run(args, mode: str, overrides: list[str], resume=None) -> int:
-    from autohdr.diagnosis.debug import run_debug_mode
+    from autohdr.runs.debug import run_debug_mode
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     from autohdr.diagnosis.instrumentation import parse_group_spec
@@ -156,7 +156,7 @@ def _read_stored_report(path: Path, strict: bool) -> dict:
 
 def _judge(args) -> int:
     from autohdr.training.config import from_mapping, to_dict
-    from autohdr.diagnosis.presets import load_preset
+    from autohdr.runs.presets import load_preset
     from autohdr.diagnosis.report_html import write_report_html
     from autohdr.diagnosis.verdicts import (JudgeConfig, all_good, format_table, interruption, judge, overall_status,
                                             status_line)
@@ -211,7 +211,7 @@ def _judge(args) -> int:
 
 def _reference_lr(run_dir: Path, mode: str | None, history) -> float | None:
     """The learning rate of the run's preset (``--mode``, else the mode in its report.json), if known."""
-    from autohdr.diagnosis.debug import preset_reference_lr
+    from autohdr.runs.debug import preset_reference_lr
     if mode is None:
         try:
             mode = json.loads((run_dir / "report.json").read_text(encoding="utf-8")).get("mode")

@@ -84,7 +84,7 @@ def _run_bare(mode: str, overrides: list[str], epochs: int | None) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from autohdr.diagnosis.presets import load_preset, override_preset
+    from autohdr.runs.presets import load_preset, override_preset
     from autohdr.lens.geometry import ALIGN_CORNERS, apply_correction
     from autohdr.lens.losses import composite_loss
     from autohdr.lens.model import LensCorrectionModel

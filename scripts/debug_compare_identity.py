@@ -83,12 +83,12 @@ def run(args: argparse.Namespace) -> dict:
                                        for p in rows[col]})
 
     from autohdr.training.checkpoint import load_checkpoint
-    from autohdr.diagnosis.compare import (
+    from autohdr.runs.compare import (
         DEFAULT_BATCH_SIZE, DEFAULT_RESIZE_HW, checkpoint_stage, compare_identity, model_from_checkpoint,
         run_batch_size, run_resize_hw,
     )
     from autohdr.training.config import stage_spec
-    from autohdr.diagnosis.debug import resolve_device
+    from autohdr.runs.debug import resolve_device
     from autohdr.lens.model import LensCorrectionModel
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)

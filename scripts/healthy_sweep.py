@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autohdr.diagnosis.debug import run_debug_mode  # noqa: E402
-from autohdr.diagnosis.presets import MODES, load_preset  # noqa: E402
+from autohdr.runs.debug import run_debug_mode  # noqa: E402
+from autohdr.runs.presets import MODES, load_preset  # noqa: E402
 
 #: One setting changed from the preset at a time: (label, override key, value or function of the preset).
 VARIATIONS: tuple[tuple[str, str | None, object], ...] = (

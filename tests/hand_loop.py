@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from autohdr.diagnosis.debug import build_loaders, load_ground_truth, resolve_preset, select_rows
+from autohdr.runs.debug import build_loaders, load_ground_truth, resolve_preset, select_rows
 from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, default_loss_fn
 from autohdr.diagnosis.verdicts import Verdict, judge
 from autohdr.data.settings import default_fixture_root

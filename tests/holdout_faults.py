@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from autohdr.diagnosis.causes import diagnose
-from autohdr.diagnosis.debug import (
+from autohdr.runs.debug import (
     build_loaders, load_ground_truth, preset_reference_lr, resolve_preset, run_debug_mode, select_rows,
 )
 from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, NonFiniteLossError, default_loss_fn

@@ -11,10 +11,10 @@ import torch
 
 from autohdr.data.settings import default_fixture_root
 from autohdr.diagnosis.causes import diagnose
-from autohdr.diagnosis.debug import build_loaders, select_rows
+from autohdr.runs.debug import build_loaders, select_rows
 from autohdr.diagnosis.hooks import Instrumentation
 from autohdr.diagnosis.metrics_log import read_metrics
-from autohdr.diagnosis.presets import load_preset
+from autohdr.runs.presets import load_preset
 from autohdr.diagnosis.run_intent import ExistingRunError, judge_config_for
 from autohdr.diagnosis.verdicts import judge
 from tests import competition_loop

@@ -60,7 +60,7 @@ def test_whole_command_parts_add_up_and_the_bare_loop_takes_the_same_steps(bench
 
 
 def test_run_debug_mode_writes_its_timings_last(tmp_path):
-    from autohdr.diagnosis.debug import run_debug_mode
+    from autohdr.runs.debug import run_debug_mode
 
     report = run_debug_mode("stage2_probe", out_dir=tmp_path / "run", device="cpu", overrides=TINY, epochs=1,
                             plots=False, log=lambda message: None)

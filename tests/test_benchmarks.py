@@ -407,7 +407,7 @@ def test_time_to_verdict_stage2_probe_small(benchmark, tmp_path):
     """``run_debug_mode("stage2_probe")`` in-process on a small config: set-up, 2 steps, validation,
     judging, report (no figures). ``scripts/bench_verdict.py`` times the whole command; this one is
     here so ``--benchmark-compare`` can flag a slower verdict against a saved run."""
-    from autohdr.diagnosis.debug import run_debug_mode
+    from autohdr.runs.debug import run_debug_mode
 
     runs = iter(range(1000))
 

@@ -22,7 +22,7 @@ import torch
 
 from autohdr import cli
 from autohdr.diagnosis.causes import diagnose
-from autohdr.diagnosis.debug import run_debug_mode
+from autohdr.runs.debug import run_debug_mode
 from autohdr.diagnosis.metrics_log import MetricsWriter, read_metrics
 from autohdr.diagnosis.verdicts import NOT_JUDGED_ERROR, SIGNALS, format_table, judge
 from autohdr.lens.model import LensCorrectionModel

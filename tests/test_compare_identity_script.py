@@ -1,4 +1,4 @@
-"""scripts/debug_compare_identity.py run as a user would (a subprocess), and autohdr.diagnosis.compare in-process.
+"""scripts/debug_compare_identity.py run as a user would (a subprocess), and autohdr.runs.compare in-process.
 
 The checkpoint comes from one short real overfit run (8 fixture pairs, batch 4, 6 epochs = 12
 steps), trained once per session through the ``debug_run`` plugin. Measured: after 2 epochs of
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from autohdr.training.checkpoint import load_checkpoint
-from autohdr.diagnosis.compare import (
+from autohdr.runs.compare import (
     SUMMARY_KEYS, checkpoint_stage, compare_identity, model_from_checkpoint, run_batch_size, run_resize_hw,
     score_delta,
 )
@@ -33,7 +33,7 @@ from autohdr.data import PairDataset, make_loader, read_split_csv, write_split_c
 from autohdr.lens.evaluation import PROXY_KEYS, identity_prediction
 from autohdr.lens.geometry import identity_params
 from autohdr.lens.model import ModelConfig
-from autohdr.diagnosis.presets import load_preset
+from autohdr.runs.presets import load_preset
 from autohdr.lens.proxy import proxy_score
 from tests.helpers_data import REPO_ROOT, copy_pairs
 from tests.plugins.data_fixtures import hash_tree
@@ -325,7 +325,7 @@ def test_cuda_without_cuda(overfit_run):
     assert_one_line_error(result, "--device cuda", "not available")
 
 
-# ------------------------------------------------------------------------------ autohdr.diagnosis.compare
+# ------------------------------------------------------------------------------ autohdr.runs.compare
 
 class TestCompareIdentity:
     def test_identity_model_has_zero_delta(self, small_loader):

@@ -1,4 +1,4 @@
-"""autohdr.training.config overrides, autohdr.diagnosis.presets, autohdr.diagnosis.checksum, autohdr.training.checkpoint."""
+"""autohdr.training.config overrides, autohdr.runs.presets, autohdr.diagnosis.checksum, autohdr.training.checkpoint."""
 
 import os
 
@@ -8,7 +8,7 @@ import torch
 from autohdr.training import checkpoint
 from autohdr.diagnosis.checksum import tensor_checksum
 from autohdr.training.config import TrainConfig, apply_overrides
-from autohdr.diagnosis.presets import MODES, load_preset
+from autohdr.runs.presets import MODES, load_preset
 from autohdr.training.trainer import cosine_lr_factor
 
 

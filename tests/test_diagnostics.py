@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pytest
 
-from autohdr.diagnosis.debug import EARLY_SIGNALS
+from autohdr.runs.debug import EARLY_SIGNALS
 from autohdr.diagnosis.verdicts import SIGNALS
 from autohdr.training.trainer import EARLY_CHECK_STEPS
 from tests.plugins.debug_runs import RunSpec
@@ -302,7 +302,7 @@ def test_no_false_alarm(debug_run, fault, signal):
 
 
 # ------------------------------------------------------------------------------------ fail fast
-#: Structural faults and where fail fast must stop them (see autohdr.diagnosis.debug.EARLY_SIGNALS):
+#: Structural faults and where fail fast must stop them (see autohdr.runs.debug.EARLY_SIGNALS):
 #: the init check, a step (1-3), or the first validation. Detached heads and unused parameters stop
 #: at step 2 on optimizer_covers_params (optimized tensors that never got a gradient).
 FAIL_FAST = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autohdr.diagnosis.debug import run_debug_mode
+from autohdr.runs.debug import run_debug_mode
 from autohdr.diagnosis.instrumentation import GROUP_NAMES, parameter_groups, parse_group_spec
 from tests import faults
 from tests.hand_loop import train_by_hand

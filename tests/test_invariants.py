@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from autohdr.diagnosis.causes import RULE_READS, RULES, diagnose
-from autohdr.diagnosis.debug import run_debug_mode
+from autohdr.runs.debug import run_debug_mode
 from autohdr.diagnosis.metrics_log import read_metrics
 from autohdr.diagnosis.verdicts import MIN_STEPS, JudgeConfig, judge
 from tests import test_verdicts as tv

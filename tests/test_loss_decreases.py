@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autohdr.diagnosis.presets import MODES, load_preset
+from autohdr.runs.presets import MODES, load_preset
 from autohdr.diagnosis.verdicts import JudgeConfig, loss_decreases, loss_windows
 
 

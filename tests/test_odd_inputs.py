@@ -92,7 +92,7 @@ def test_a_value_that_makes_no_sense_is_refused_by_name(setting, fragments, tmp_
                                      "train.amp=off", "data.num_pairs=16", "train.grad_clip_norm=1e9",
                                      "data.resize_hw=64x64"])
 def test_a_sensible_value_is_accepted(setting):
-    from autohdr.diagnosis.debug import resolve_preset
+    from autohdr.runs.debug import resolve_preset
     preset = resolve_preset("stage2_probe", [setting], environ={})
     key, text = setting.split("=")
     section, name = key.split(".")
@@ -101,7 +101,7 @@ def test_a_sensible_value_is_accepted(setting):
 
 
 def test_a_preset_file_with_inf_is_refused_by_name(tmp_path):
-    from autohdr.diagnosis.presets import load_preset
+    from autohdr.runs.presets import load_preset
     preset = tmp_path / "mine.toml"
     base = (Path(__file__).resolve().parent.parent / "autohdr" / "diagnosis" / "presets" / "stage2_probe.toml")
     assert "\nlr = 3e-3" in base.read_text(encoding="utf-8")
@@ -109,7 +109,7 @@ def test_a_preset_file_with_inf_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"train\.lr: expected a finite float, got inf"):
         load_preset(preset)
     with pytest.raises(ValueError, match=r"train\.lr: expected a finite float, got nan"):
-        from autohdr.diagnosis.debug import resolve_preset
+        from autohdr.runs.debug import resolve_preset
         resolve_preset("stage2_probe", {"train.lr": float("nan")}, environ={})
 
 
@@ -370,8 +370,8 @@ class TestBatchRange:
     def test_a_run_whose_validation_inputs_are_0_255_names_batch_sample_and_file(self, tmp_path, bad_batch):
         """The reported case: inputs in 0-255 read "pred must have values in [0, 1]"; now the batch,
         the sample and its file are named (the probe holds the first 4 samples: batches 0 and 1)."""
-        from autohdr.diagnosis.debug import build_loaders, run_debug_mode, select_rows
-        from autohdr.diagnosis.presets import load_preset
+        from autohdr.runs.debug import build_loaders, run_debug_mode, select_rows
+        from autohdr.runs.presets import load_preset
         from tests.cli_factories import small_model
         overrides = {"data.num_pairs": 6, "data.batch_size": 2, "data.resize_hw": [64, 64]}
         preset = load_preset("stage2_probe", overrides)
@@ -438,7 +438,7 @@ def test_a_model_without_residual_output_is_not_judged_on_it(returns_flow):
 
 
 def test_a_run_of_a_params_only_model_has_no_residual_bad(tmp_path):
-    from autohdr.diagnosis.debug import run_debug_mode
+    from autohdr.runs.debug import run_debug_mode
     from tests.helpers_trainer import GlobalParamsOnly
     report = run_debug_mode("stage2_probe", model=GlobalParamsOnly(), out_dir=tmp_path / "run", device="cpu",
                             overrides={"data.num_pairs": 8, "data.batch_size": 2, "data.resize_hw": [64, 64],

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from autohdr.diagnosis.presets import MODES
+from autohdr.runs.presets import MODES
 from autohdr.diagnosis.verdicts import SIGNALS
 from autohdr.testing import config as plugin_config
 from autohdr.testing.plugin import ACTIVE_PLUGIN_NAME, CONFIG_KEY

@@ -28,8 +28,8 @@ from PIL import Image
 from autohdr.cli import EXIT_BAD_SIGNAL, EXIT_OK, main
 from autohdr.data.dataset import PairDataset
 from autohdr.data.pairs import read_split_csv
-from autohdr.diagnosis.compare import model_from_checkpoint
-from autohdr.diagnosis.debug import run_debug_mode
+from autohdr.runs.compare import model_from_checkpoint
+from autohdr.runs.debug import run_debug_mode
 from autohdr.diagnosis.plots import (ZERO_STRIP_LABELS, curves_figure, plot_curves, plot_triplets, run_title,
                                      safe_text, triplets_figure)
 from autohdr.diagnosis.report_html import FIGURES, render_report_html, write_report_html

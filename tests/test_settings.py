@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from autohdr.data import settings as settings_mod
-from autohdr.diagnosis.debug import resolve_preset
-from autohdr.diagnosis.presets import load_preset
+from autohdr.runs.debug import resolve_preset
+from autohdr.runs.presets import load_preset
 from autohdr.data.settings import ENV_VARS, DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
 
 

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from autohdr.data import DataError, pair_groups, prepare_overfit_split, read_split_csv, scan_pairs, train_val_split
 from autohdr.data.settings import DataSettings
 from autohdr.data.split_files import SIDECAR_NAME, check_replaceable, write_owned_files
-from autohdr.diagnosis.debug import SPLIT_FILES, data_preset_from_env, select_rows
-from autohdr.diagnosis.presets import DataPreset
+from autohdr.runs.debug import SPLIT_FILES, data_preset_from_env, select_rows
+from autohdr.runs.presets import DataPreset
 from autohdr.cli import EXIT_BAD_SIGNAL, EXIT_OK, EXIT_USAGE, main
 from tests.helpers_data import REPO_ROOT, copy_pairs, write_pair
 from tests.plugins.data_fixtures import hash_tree

@@ -55,8 +55,8 @@ from autohdr.lens.geometry import WarpResult, apply_correction, grid_statistics,
 from autohdr.lens.losses import LossWeights, composite_loss
 from autohdr.lens.model import check_param_bounds, resolve_param_bounds
 from autohdr.lens.proxy import proxy_score_batch
-from autohdr.training.config import StageSpec, stage_spec
-from autohdr.training.distributed import SINGLE, DistContext, gather_objects
+from autohdr.lens.stages import StageSpec, stage_spec
+from autohdr.diagnosis.ranks import SINGLE, DistContext, gather_objects
 
 #: ``loss_fn(correction, target) -> (total (0-d), {component: 0-d tensor})``
 LossFn = Callable[[Correction, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]

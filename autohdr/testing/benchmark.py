@@ -61,7 +61,7 @@ class GpuTrainStep:
 
 
 def gpu_train_step(config: PluginConfig, data_root: Path) -> GpuTrainStep:
-    from autohdr.diagnosis.debug import build_loaders, resolve_preset, select_rows
+    from autohdr.runs.debug import build_loaders, resolve_preset, select_rows
     from autohdr.diagnosis.hooks import default_loss_fn
 
     mode = config.modes[0]

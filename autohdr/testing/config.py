@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-#: The debug modes (``autohdr.diagnosis.presets.MODES``; kept here so an unconfigured pytest never imports torch).
+#: The debug modes (``autohdr.runs.presets.MODES``; kept here so an unconfigured pytest never imports torch).
 MODES: tuple[str, ...] = ("overfit_stage1", "stage2_probe", "stage3_probe")
 #: Keys ``[tool.autohdr]`` accepts.
 KEYS: tuple[str, ...] = ("model_factory", "modes", "data_root", "groups", "train", "device", "seed", "overrides")
@@ -198,7 +198,7 @@ def with_options(config: PluginConfig, options: Mapping[str, Any], *, cwd: Path)
 
 def check(config: PluginConfig) -> None:
     """Refuse what only shows once everything is known: no model, a missing data root, a bad override."""
-    from autohdr.diagnosis.debug import resolve_preset
+    from autohdr.runs.debug import resolve_preset
 
     if not config.model_factory:
         raise ConfigError(f"{config.source}: model_factory is required ('MODULE:FUNCTION' returning your nn.Module)")

@@ -24,7 +24,7 @@ import torch.nn as nn
 from autohdr.diagnosis.causes import Diagnosis, diagnose
 from autohdr.diagnosis.hooks import InstrumentationConfig
 from autohdr.diagnosis.metrics_log import read_metrics
-from autohdr.diagnosis.presets import DebugPreset
+from autohdr.runs.presets import DebugPreset
 from autohdr.diagnosis.verdicts import Verdict, all_good, judge
 from autohdr.testing.config import PluginConfig
 
@@ -73,7 +73,7 @@ class RunSettings:
     def loaders(self):
         """autohdr's ``(train_loader, val_loader)`` for the split files, at the preset's size and batch."""
         from autohdr.data import read_split_csv
-        from autohdr.diagnosis.debug import build_loaders
+        from autohdr.runs.debug import build_loaders
 
         return build_loaders(read_split_csv(self.train_split), read_split_csv(self.val_split),
                              self.preset.data, self.seed)
@@ -154,7 +154,7 @@ def make_run(config: PluginConfig, mode: str, out_dir: Path) -> None:
 
 
 def _trainer_run(config: PluginConfig, mode: str, out_dir: Path, root: Path) -> None:
-    from autohdr.diagnosis.debug import run_debug_mode
+    from autohdr.runs.debug import run_debug_mode
 
     build = checked_factory(config)
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed, as in `autohdr debug`
@@ -164,7 +164,7 @@ def _trainer_run(config: PluginConfig, mode: str, out_dir: Path, root: Path) -> 
 
 def _user_loop_run(config: PluginConfig, mode: str, out_dir: Path, root: Path) -> None:
     from autohdr import data as data_mod
-    from autohdr.diagnosis.debug import preset_reference_lr, resolve_device, resolve_preset, select_rows
+    from autohdr.runs.debug import preset_reference_lr, resolve_device, resolve_preset, select_rows
 
     started = time.perf_counter()
     preset = resolve_preset(mode, config.mode_overrides(mode))

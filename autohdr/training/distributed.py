@@ -7,30 +7,11 @@ one code path.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process stands in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-SINGLE = DistContext()
+from autohdr.diagnosis.ranks import SINGLE, DistContext, gather_objects  # noqa: F401  (re-exported)
 
 
 def launched_by_torchrun(environ=os.environ) -> bool:
@@ -69,15 +50,6 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         return values
     out = values.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-def gather_objects(value, ctx: DistContext) -> list:
-    """Every rank's ``value`` as a list indexed by rank (``[value]`` for one process)."""
-    if not ctx.enabled:
-        return [value]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, value)
     return out
 
 

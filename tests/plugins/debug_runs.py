@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 from filelock import FileLock
 
-from autohdr.diagnosis.debug import build_loaders, data_preset_from_env, run_debug_mode, select_rows
+from autohdr.runs.debug import build_loaders, data_preset_from_env, run_debug_mode, select_rows
 from autohdr.diagnosis.metrics_log import read_metrics
-from autohdr.diagnosis.presets import load_preset
+from autohdr.runs.presets import load_preset
 from autohdr.data.settings import default_fixture_root
 from autohdr.diagnosis.verdicts import Verdict
 from tests import faults
@@ -39,7 +39,7 @@ class RunSpec:
     holds each batch back that many times the previous step's own compute (independent of machine load);
     ``loader_fault`` names a loader wrapper in :mod:`tests.faults` (a data bug) for the training
     loader, and for the validation loader too where the wrapper says ``applies_to_val``;
-    ``fail_fast`` as in :func:`~autohdr.diagnosis.debug.run_debug_mode` (on by default, as for users).
+    ``fail_fast`` as in :func:`~autohdr.runs.debug.run_debug_mode` (on by default, as for users).
     """
 
     name: str

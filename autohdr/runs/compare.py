@@ -134,7 +134,7 @@ def model_from_checkpoint(payload: Mapping[str, Any], device: torch.device | str
     where = f"checkpoint {source}" if source else "the checkpoint"
     custom = "it holds a custom model? pass --model-factory MODULE:FUNCTION that builds it"
     if model_factory:
-        from autohdr.diagnosis.debug import build_model
+        from autohdr.runs.debug import build_model
         model = build_model(model_factory, ModelConfig())
         _load_weights(model, payload, where, f"the model of --model-factory {model_factory}")
         return model.to(device).eval()

@@ -32,7 +32,7 @@ from autohdr.training.distributed import SINGLE, DistContext, barrier, init_dist
 from autohdr.training import run_folder
 from autohdr.diagnosis.metrics_log import read_metrics
 from autohdr.lens.model import LensCorrectionModel, ModelConfig
-from autohdr.diagnosis.presets import DataPreset, DebugPreset, load_preset, override_preset
+from autohdr.runs.presets import DataPreset, DebugPreset, load_preset, override_preset
 from autohdr.data.settings import DataSettings, default_fixture_root, ensure_kmp_duplicate_lib_ok
 from autohdr.data.split_files import check_replaceable, write_owned_files
 from autohdr.training.trainer import NonFiniteLossError, Trainer
@@ -437,7 +437,8 @@ def run_debug_mode(
             from autohdr.diagnosis.report_html import write_report_html
             write_report_html(out, report)  # after the figures: it inlines them
             lap("report_html")
-            timings = {"started_unix": started_unix, "run_s": time.perf_counter() - started, "parts_s": parts}
+            # run_s ends at the last lap, so the parts add up to it exactly
+            timings = {"started_unix": started_unix, "run_s": clock[0] - started, "parts_s": parts}
             (out / "timings.json").write_text(json.dumps(timings, indent=2), encoding="utf-8")
             report = {**report, "timings": timings}
         barrier(dist_ctx)  # every rank leaves together, after rank 0 has written the report
