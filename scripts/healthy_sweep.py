@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,18 @@ PHOTO_VARIATIONS: tuple[tuple[str, str | None, object], ...] = (
     ("photos 128x96", "data.resize_hw", [128, 96]),
     ("photos 112x160 batch 4", None, {"data.resize_hw": [112, 160], "data.batch_size": 4}),
 )
+#: Runs of 1, 2 and 4 training steps (one epoch at 64 px, batch 4; 8 / 8 / 16 pairs), on either
+#: dataset (``--short-runs``): every signal must say n/a below its minimum evidence, never BAD.
+SHORT_RUNS: tuple[tuple[str, str | None, object], ...] = (
+    ("1 step", None, {"data.num_pairs": 8, "data.resize_hw": [64, 64], "data.batch_size": 4, "train.epochs": 1,
+                      "train.max_steps_per_epoch": 1}),
+    ("2 steps", None, {"data.num_pairs": 8, "data.resize_hw": [64, 64], "data.batch_size": 4, "train.epochs": 1}),
+    ("4 steps", None, {"data.num_pairs": 16, "data.resize_hw": [64, 64], "data.batch_size": 4, "train.epochs": 1}),
+)
+#: Where each run's metrics.jsonl is kept (``--keep DIR``), so ``--rejudge`` judges the runs again
+#: with the signals as they are now (set by :func:`main`).
+KEEP_DIR: Path | None = None
+
 #: Matplotlib's bundled photographs (none of them in the fixtures): name -> sample-data file.
 PHOTO_SOURCES = {"grace_hopper": "grace_hopper.jpg", "present_pack": "Minduka_Present_Blue_Pack.png"}
 PHOTO_PAIRS, PHOTO_SIZE, PHOTO_STORED_HW = 32, 192, (160, 240)
@@ -113,16 +126,38 @@ def run_one(mode: str, label: str, key: str | None, value: object, seed: int, da
         overrides = {key: value(preset) if callable(value) else value}
     out = Path(tempfile.mkdtemp(prefix="autohdr-sweep-"))
     started = time.perf_counter()
+    kept = None
     try:
         report = run_debug_mode(mode, out_dir=out / "run", device="cpu", seed=seed, overrides=overrides,
                                 data_root=data_root, plots=False, log=lambda message: None)
+        if KEEP_DIR is not None:
+            KEEP_DIR.mkdir(parents=True, exist_ok=True)
+            kept = KEEP_DIR / (re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{mode}-{label}-s{seed}-{data_root or 'fixtures'}")[-120:]
+                               + ".jsonl")
+            shutil.copyfile(out / "run" / "metrics.jsonl", kept)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     loss = next((v for v in report["verdicts"] if v["signal"] == "loss_decreases"), {})
     return {"mode": mode, "variation": label, "seed": seed, "overrides": overrides,
             "wall_s": round(time.perf_counter() - started, 1), "all_good": report["all_good"],
             "error": report["error"], "loss_relative_drop": loss.get("evidence", {}).get("relative_drop"),
-            "verdicts": {v["signal"]: [v["ok"], v["detail"]] for v in report["verdicts"]}}
+            "verdicts": {v["signal"]: [v["ok"], v["detail"]] for v in report["verdicts"]},
+            "metrics_file": str(kept) if kept else None}
+
+
+def rejudge(record: dict) -> dict:
+    """``record`` with its verdicts judged again from its kept metrics.jsonl by the signals as they
+    are now (the run's recorded judge config); a record without a kept file is returned unchanged."""
+    path = record.get("metrics_file")
+    if not path or not Path(path).is_file():
+        return record
+    from autohdr.diagnosis.metrics_log import read_metrics
+    from autohdr.diagnosis.run_intent import judge_config_for
+    from autohdr.diagnosis.verdicts import all_good, judge
+    history = read_metrics(path)
+    verdicts = judge(history, judge_config_for(history))
+    return {**record, "all_good": all_good(verdicts), "rejudged": True,
+            "verdicts": {v.signal: [v.ok, v.detail] for v in verdicts}}
 
 
 def _group(record: dict) -> str:
@@ -163,11 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=("fixtures", "photos"), default="fixtures",
                         help="photos: pairs generated now from matplotlib's photographs, non-square sizes")
     parser.add_argument("--variations", nargs="+", default=None, help="only these variation labels")
+    parser.add_argument("--short-runs", action="store_true", help="runs of 1, 2 and 4 steps (SHORT_RUNS) instead "
+                                                                  "of the dataset's variations")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each run's metrics.jsonl in this folder")
+    parser.add_argument("--rejudge", action="store_true", help="judge the kept runs again with the current signals "
+                                                               "(with --summary: nothing is run)")
     args = parser.parse_args(argv)
+    global KEEP_DIR
+    KEEP_DIR = args.keep
     records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.is_file() else []
     if not args.summary:
         done = {_key(r["mode"], r["variation"], r["seed"], r.get("dataset", "fixtures")) for r in records}
         variations = PHOTO_VARIATIONS if args.dataset == "photos" else VARIATIONS
+        if args.short_runs:
+            variations = SHORT_RUNS
         if args.variations:
             variations = tuple(v for v in variations if v[0] in args.variations)
         todo = [(m, v, s) for m in args.modes for v in variations for s in args.seeds
@@ -181,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if photo_dir is not None:
                 shutil.rmtree(photo_dir, ignore_errors=True)
+    if args.rejudge:
+        records = [rejudge(r) for r in records]
     print(summarize(records) if records else "no runs recorded")
     return 0
 

@@ -188,6 +188,8 @@ class Instrumentation:
         self.perf = PerfTotals(self.config.perf_warmup_steps)
         self._step_wall_start: float | None = None
         self._epoch_started = False
+        self._epoch_jump_due = False           # the next batch start measures the weights' change since the last step
+        self._epoch_jump: torch.Tensor | None = None
         self._epoch_ids: set[str] = set()
         self._epoch_losses: list[float] = []
         self._batch: Mapping | None = None
@@ -259,6 +261,7 @@ class Instrumentation:
         if epoch != getattr(self, "_resumed_epoch", None):
             self._epoch_ids, self._epoch_losses = set(), []  # this epoch's training samples and losses
         self._resumed_epoch = None
+        self._epoch_jump_due = True
         self._timer.start()
         self._step_wall_start = _now()
 
@@ -278,6 +281,12 @@ class Instrumentation:
         self._timer.mark("data")
         if self.config.instrument and self._tracker is None:
             self._tracker = ParamDeltaTracker(self._measured)
+        elif self.config.instrument and self._epoch_jump_due:
+            # the weights' change between the last step of the previous epoch and this epoch's first
+            # (0 unless something between epochs loads or edits them): weights_continue_across_epochs
+            jumps = list(self._tracker.measure().values())
+            self._epoch_jump = torch.stack(jumps).square().sum().sqrt() if jumps else None
+        self._epoch_jump_due = False
         self._batch = batch if self.config.instrument else None
         if self._batch is not None:
             self._batch_tensors = batch_range_tensors(batch)
@@ -332,6 +341,8 @@ class Instrumentation:
         if grad_norm_at_step is not None:
             tensors["optimizer_grad_norm"] = grad_norm_at_step.detach()
         tensors.update(self._batch_tensors)
+        if self._epoch_jump is not None:
+            tensors["weights_jump_before_epoch"], self._epoch_jump = self._epoch_jump, None
         if self.config.instrument:
             tracker = self._tracker or ParamDeltaTracker(self._measured)
             self._tracker = tracker
@@ -359,6 +370,8 @@ class Instrumentation:
                 clipped = record["optimizer_grad_norm"] < record["grad_norm_total"] * (1.0 - CLIP_DETECT_RTOL)
                 record["grad_clipped"] = bool(clipped)
                 record["clip_norm"] = record["optimizer_grad_norm"] if clipped else None
+        if components:
+            record["loss_parts"] = sorted(components)  # which fields are the loss's parts (loss_not_regularizer_bound)
         if self.optimizer is not None and "lr_groups" not in record:
             record["lr_groups"] = [float(group["lr"]) for group in self.optimizer.param_groups]
         self._epoch_losses.append(record["loss"])
