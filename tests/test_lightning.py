@@ -1,0 +1,258 @@
+"""``AutohdrCallback`` on a PyTorch Lightning Trainer: the hand loop's verdicts on the same seed and
+data, faults stay red with a named cause, a folder holding a run is refused, a checkpoint resumes
+the metrics, the user adds 3 lines, and neither ``import autohdr`` nor ``autohdr.integrations``
+imports Lightning."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip("pytorch_lightning", reason="needs the lightning extra: pip install 'autohdr[lightning]'")
+
+from autohdr.cli import main as autohdr_main  # noqa: E402
+from autohdr.data.settings import default_fixture_root  # noqa: E402
+from autohdr.diagnosis.causes import diagnose  # noqa: E402
+from autohdr.diagnosis.hooks import InstrumentationConfig, default_loss_fn  # noqa: E402
+from autohdr.diagnosis.metrics_log import read_metrics  # noqa: E402
+from autohdr.diagnosis.run_intent import ExistingRunError, judge_config_for  # noqa: E402
+from autohdr.diagnosis.verdicts import judge  # noqa: E402
+from autohdr.lens.evaluation import correct  # noqa: E402
+from autohdr.lens.model import LensCorrectionModel  # noqa: E402
+from autohdr.runs.debug import build_loaders, load_ground_truth, resolve_preset, select_rows  # noqa: E402
+from tests import faults  # noqa: E402
+from tests.hand_loop import train_by_hand  # noqa: E402
+
+#: stage2_probe on 8 pairs at 64 px, batches of 4: 2 steps an epoch, 4 epochs (both loops alike)
+TINY = {"data.num_pairs": 8, "data.resize_hw": [64, 64], "data.batch_size": 4}
+HEADS = ("backbone", "param_head", "residual_head")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These runs are tiny: one thread each (a 2-core machine runs two xdist workers), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- the user's code
+
+class LitLens(pl.LightningModule):
+    """A LightningModule around autohdr's lens model, as a user writes one: the hand loop's step
+    (``correct``, the loss) in ``training_step``; Lightning does backward, clipping and the step.
+    For autohdr, ``training_step`` returns the correction and the loss parts beside the loss
+    (without autohdr it would ``return loss``).
+
+    ``group_lrs``: one AdamW param group per head with these lrs (else one group); ``lr_lambda``:
+    a per-step ``LambdaLR`` factor (``interval="step"``)."""
+
+    def __init__(self, model, loss_fn, *, residual_active: bool, lr: float, weight_decay: float,
+                 group_lrs: dict[str, float] | None = None, lr_lambda=None) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.residual_active = model, loss_fn, residual_active
+        self.lr, self.weight_decay, self.group_lrs, self.lr_lambda = lr, weight_decay, group_lrs, lr_lambda
+
+    def training_step(self, batch, batch_idx):
+        correction = correct(self.model, batch["input_image"], self.residual_active)
+        loss, parts = self.loss_fn(correction, batch["target_image"])
+        return {"loss": loss, "correction": correction, "parts": parts}  # autohdr
+
+    def configure_optimizers(self):
+        if self.group_lrs is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        else:
+            params = [{"params": list(getattr(self.model, name).parameters()), "lr": self.group_lrs[name]}
+                      for name in HEADS]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_lambda is None:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def train_with_lightning(run_dir: Path, *, model=None, seed: int = 0, overrides=None, epochs: int | None = None,
+                         ckpt_path: Path | None = None, **module_options):
+    """``tests/hand_loop.py::train_by_hand`` with Lightning doing the loop: the same preset, data,
+    seed, model, optimizer and clip. Returns the Trainer (its callback wrote ``run_dir``).
+
+    The lines marked ``# autohdr`` are what a Lightning user adds; ``hand_like`` is what the
+    hand loop gives its hooks (the preset's loss weights, judge thresholds and instrumentation
+    settings, the ground truth), so that the two runs are configured alike."""
+    from autohdr.integrations.lightning import AutohdrCallback  # autohdr
+    preset = resolve_preset("stage2_probe", {**TINY, **(overrides or {})})
+    cfg, spec = preset.train, preset.train.spec
+    train_rows, val_rows = select_rows(default_fixture_root(), preset.data)
+    train_loader, val_loader = build_loaders(train_rows, val_rows, preset.data, seed)
+    torch.manual_seed(seed)
+    model = model if model is not None else LensCorrectionModel(preset.model)
+    loss_fn = default_loss_fn(spec, cfg.loss_weights)
+    module = LitLens(model, loss_fn, residual_active=spec.residual_active, lr=cfg.lr * spec.lr_scale,
+                     weight_decay=cfg.weight_decay, **module_options)
+    hand_like = {"stage": cfg.stage, "judge_config": preset.judge, "loss_fn": loss_fn,
+                 "ground_truth": load_ground_truth(default_fixture_root()),
+                 "config": InstrumentationConfig.from_train_config(cfg), "log": lambda message: None}
+    trainer = pl.Trainer(
+        callbacks=[AutohdrCallback(run_dir, val_loader=val_loader, intent="probe", **hand_like)],  # autohdr
+        max_epochs=epochs or cfg.epochs, limit_train_batches=cfg.max_steps_per_epoch or 1.0,
+        gradient_clip_val=cfg.grad_clip_norm, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=run_dir.parent)
+    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def judged(run_dir: Path):
+    """What ``autohdr judge RUN_DIR`` judges: the run's history, with the judge config it recorded."""
+    history = read_metrics(run_dir)
+    verdicts = judge(history, judge_config_for(history))
+    return history, verdicts, diagnose(verdicts, history)
+
+
+def oks(verdicts) -> dict[str, bool | None]:
+    return {v.signal: v.ok for v in verdicts}
+
+
+# ---------------------------------------------------------------------------- healthy: the hand loop's verdicts
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lightning")
+    hand = train_by_hand(root / "hand", overrides=TINY)
+    train_with_lightning(root / "lightning")
+    return {"hand": hand, "hand_dir": root / "hand", "dir": root / "lightning"}
+
+
+@pytest.mark.stage2_probe
+def test_lightning_gets_the_hand_loops_verdicts(runs):
+    _, verdicts, _ = judged(runs["dir"])
+    assert oks(verdicts) == oks(runs["hand"])
+    assert all(ok is not False for ok in oks(verdicts).values())
+
+
+@pytest.mark.stage2_probe
+def test_autohdr_judge_on_the_run_folder_gives_the_same_verdicts(runs, capsys):
+    capsys.readouterr()
+    code = autohdr_main(["judge", str(runs["dir"]), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["all_good"] is True
+    assert {v["signal"]: v["ok"] for v in report["verdicts"]} == oks(runs["hand"])
+
+
+def test_the_first_epoch_is_the_hand_loops_step_for_step(runs):
+    """Same seed, data, model, optimizer and clip: epoch 0 matches the hand loop figure for figure.
+    From epoch 1 on the batches differ, as Lightning's step order genuinely does: Lightning calls
+    the sampler's ``set_epoch`` every epoch (so does autohdr's Trainer), the hand loop never does
+    and replays epoch 0's order. The verdicts agree regardless (the tests above)."""
+    steps = {name: read_metrics(path).query("kind == 'train_step'")
+             for name, path in (("hand", runs["hand_dir"]), ("lightning", runs["dir"]))}
+    first = {name: s[s["epoch"] == 0] for name, s in steps.items()}
+    assert len(first["lightning"]) == len(first["hand"]) == 2 and len(steps["lightning"]) == len(steps["hand"]) == 8
+    for column in ("loss", "grad_norm_total", "grad_norm_residual_head", "param_delta_residual_head",
+                   "residual_contrib_px_mean", "batch_fingerprint"):
+        assert first["lightning"][column].tolist() == first["hand"][column].tolist(), column
+    later = steps["lightning"]["epoch"] > 0
+    assert steps["lightning"]["batch_fingerprint"][later].tolist() != steps["hand"]["batch_fingerprint"][later].tolist()
+
+
+def test_the_run_records_its_intent_lightnings_clip_and_every_groups_lr(runs):
+    history = read_metrics(runs["dir"])
+    start = history[history["kind"] == "run_start"].iloc[-1]
+    assert start["intent"] == "probe" and start["attached"] == "lightning"
+    assert start["lightning"]["gradient_clip_val"] == 5.0 and start["lightning"]["gradient_clip_algorithm"] == "norm"
+    steps = history[history["kind"] == "train_step"]
+    assert (steps["clip_norm"] == 5.0).all() and steps["lr_groups"].map(len).eq(1).all()
+    # the optimizer stepped with the clipped gradients: at most the clip, never above it
+    assert (steps["optimizer_grad_norm"] <= 5.0 * (1 + 1e-6)).all()
+    assert (steps["grad_clipped"] == (steps["grad_norm_total"] > 5.0)).all()
+
+
+# ---------------------------------------------------------------------------- faults stay red
+
+@pytest.mark.stage2_probe
+def test_a_detached_residual_stays_red_with_its_cause(tmp_path):
+    torch.manual_seed(0)
+    model = faults.DetachedResidual(resolve_preset("stage2_probe", TINY).model)
+    train_with_lightning(tmp_path / "run", model=model)
+    _, verdicts, diagnoses = judged(tmp_path / "run")
+    assert oks(verdicts)["residual_head_learning"] is False
+    named = [d for d in diagnoses if "residual_head_learning" in d.signals]
+    assert named and named[0].cause_id != "unexplained", named
+
+
+@pytest.mark.stage2_probe
+def test_a_param_group_at_lr_zero_stays_red_with_its_cause(tmp_path):
+    """The residual head's group at lr 0 (the others train), under a per-step schedule: Lightning
+    steps such a schedule before ``on_train_batch_end``, and each step still records the lrs it used."""
+    def halve_each_step(step):
+        return 0.5 ** step
+
+    trainer = train_with_lightning(tmp_path / "run", group_lrs={"backbone": 3e-3, "param_head": 3e-3,
+                                                                "residual_head": 0.0},
+                                   lr_lambda=halve_each_step)
+    history, verdicts, diagnoses = judged(tmp_path / "run")
+    bad = {signal for signal, ok in oks(verdicts).items() if ok is False}
+    assert "residual_head_learning" in bad
+    assert any(d.cause_id == "group_lr_zero" for d in diagnoses), [(d.cause_id, d.signals) for d in diagnoses]
+    lrs = history.query("kind == 'train_step'")["lr_groups"].tolist()
+    assert lrs == [[3e-3 * 0.5 ** k, 3e-3 * 0.5 ** k, 0.0] for k in range(8)]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3 * 0.5 ** 8)  # given back
+
+
+# ---------------------------------------------------------------------------- run folders and checkpoints
+
+def test_a_folder_with_a_run_is_refused_and_left_as_it_was(runs):
+    before = (runs["dir"] / "metrics.jsonl").read_bytes()
+    with pytest.raises(ExistingRunError, match="already holds a run"):
+        train_with_lightning(runs["dir"], epochs=1)
+    assert (runs["dir"] / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_lightning_checkpoint_resumes_the_metrics(tmp_path):
+    """2 epochs, ``trainer.save_checkpoint``, then a new Trainer and callback resume to 3: the hooks'
+    step count and best score ride in the checkpoint (the callback's ``state_dict``)."""
+    run_dir = tmp_path / "run"
+    first = train_with_lightning(run_dir, epochs=2)
+    first.save_checkpoint(tmp_path / "epoch2.ckpt")
+    state = torch.load(tmp_path / "epoch2.ckpt", weights_only=False)["callbacks"]["AutohdrCallback"]
+    assert state["hooks"]["global_step"] == 4
+    train_with_lightning(run_dir, epochs=3, ckpt_path=tmp_path / "epoch2.ckpt")
+    history = read_metrics(run_dir)
+    steps = history.query("kind == 'train_step'")
+    assert steps["step"].tolist() == list(range(1, 7)) and steps["epoch"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert history.query("kind == 'val_epoch'")["epoch"].tolist() == [0, 1, 2]
+    assert len(history.query("kind == 'run_start'")) == 2 and len(history.query("kind == 'run_end'")) == 1
+
+
+# ---------------------------------------------------------------------------- what the user adds
+
+def test_a_lightning_user_adds_three_lines():
+    """The import, ``callbacks=[AutohdrCallback(...)]`` in the Trainer and ``training_step``
+    returning the correction and the loss parts beside the loss."""
+    user_code = inspect.getsource(LitLens) + inspect.getsource(train_with_lightning)
+    assert sum(line.rstrip().endswith("# autohdr") for line in user_code.splitlines()) == 3
+
+
+# ---------------------------------------------------------------------------- the extra stays optional
+
+def test_importing_autohdr_does_not_import_lightning():
+    code = ("import sys, autohdr, autohdr.integrations\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('pytorch_lightning', 'lightning', 'lightning_fabric', 'torchmetrics')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_without_lightning_the_import_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_lightning", None)  # what an install without the extra sees
+    monkeypatch.delitem(sys.modules, "autohdr.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'autohdr\[lightning\]'"):
+        importlib.import_module("autohdr.integrations.lightning")
