@@ -88,11 +88,48 @@ def test_a_folder_with_a_run_is_refused_and_left_as_it_was(healthy, loaders):
     assert (healthy / "metrics.jsonl").read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="known miss: the loop's absolute cosine floor (eta_min=1e-6) gives the "
-                   "lr-0 group a tiny non-zero lr, so it moves a little; no signal judges a group's lr against the "
-                   "others' yet")
-def test_a_group_at_lr_zero_is_named(tmp_path, loaders):
-    run_competition_loop(tmp_path / "lr0", *loaders, epochs=4, faults=LoopFaults(zero_lr_group="residual_head"))
-    _, verdicts, diagnoses = _judged(tmp_path / "lr0")
-    assert any(v.ok is False for v in verdicts.values())
-    assert any(d.cause_id != "unexplained" for d in diagnoses)
+#: The loop's faults (tests/competition_loop.py LoopFaults), 2 epochs (4 steps) each: the signal that
+#: must go red, and the cause that must be named with the words its line must hold.
+LOOP_FAULTS = {
+    "residual_group_lr_zero": (LoopFaults(zero_lr_group="residual_head"), "group_lr_not_negligible", "group_lr_zero",
+                               ("param group 2 (residual_head)", "configured lr 0", "set that group's lr")),
+    "regularizer_weights_x1000": (LoopFaults(reg_scale=1000.0), "loss_not_regularizer_bound",
+                                  "regularizer_weights_too_large", ("flow_mag, flow_smooth", "of the total loss",
+                                                                    "lower those weights")),
+    "validate_without_eval": (LoopFaults(validate_in_train_mode=True), "loop_validation_in_eval_mode",
+                              "loop_validation_train_mode", ("4 of 4 forwards in train mode",
+                                                             "call model.eval() before validating")),
+}
+
+
+@pytest.fixture(scope="module")
+def fault_runs(tmp_path_factory, loaders):
+    out = {}
+    for name, (faults, *_rest) in LOOP_FAULTS.items():
+        run_dir = tmp_path_factory.mktemp("attach-faults") / name
+        run_competition_loop(run_dir, *loaders, epochs=2, faults=faults)
+        out[name] = _judged(run_dir)
+    return out
+
+
+@pytest.mark.parametrize("name", list(LOOP_FAULTS))
+def test_each_loop_fault_is_red_with_its_cause_named(name, fault_runs):
+    _, verdicts, diagnoses = fault_runs[name]
+    _, signal, cause_id, words = LOOP_FAULTS[name]
+    assert verdicts[signal].ok is False, verdicts[signal].detail
+    bad = {n for n, v in verdicts.items() if v.ok is False}
+    named = {d.cause_id: d for d in diagnoses}
+    assert cause_id in named, [(d.cause_id, d.signals) for d in diagnoses]
+    assert signal in named[cause_id].signals
+    for word in words:
+        assert word in named[cause_id].cause, named[cause_id].cause
+    assert "unexplained" not in named, named["unexplained"].signals  # every BAD signal has the named cause
+    assert bad == {s for d in diagnoses for s in d.signals}
+
+
+def test_the_new_loop_signals_are_green_on_the_healthy_loop(healthy):
+    _, verdicts, _ = _judged(healthy)
+    for signal in ("group_lr_not_negligible", "loss_not_regularizer_bound", "loop_validation_in_eval_mode",
+                   "weights_continue_across_epochs"):
+        assert verdicts[signal].ok is True, (signal, verdicts[signal].detail)
+    assert verdicts["loss_not_regularizer_bound"].evidence["regularizer_share_max"] < 0.01  # measured 0.1-0.6 %

@@ -490,19 +490,51 @@ def _zero_lr_groups(history: pd.DataFrame) -> list[tuple[int, dict[str, Any]]]:
 
 @reads("run_start.optimizer_groups", "train_step.lr_groups")
 def _group_lr_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
-    """One optimizer param group at lr 0 while the others learn: its parameters get gradients and
-    never move."""
+    """One optimizer param group at lr 0 (or negligible next to the others', signal
+    ``group_lr_not_negligible``) while the others learn: its parameters get gradients and (barely) move."""
     zero = _zero_lr_groups(run.history)
     named = sorted({name for _, group in zero for name in group.get("groups", [])})
-    if not zero:
+    verdict = bad.get("group_lr_not_negligible")
+    negligible = verdict.evidence.get("negligible_groups", []) if verdict is not None else []
+    groups = _optimizer_groups(run.history)
+    for item in negligible:
+        index = item.get("index")
+        if isinstance(index, int) and index < len(groups):
+            named = sorted({*named, *groups[index].get("groups", [])})
+    if not zero and not negligible:
         return []
-    claims = ["groups_move_with_gradients", *[s for s, g in GROUP_SIGNALS.items() if g in named]]
+    claims = ["groups_move_with_gradients", "group_lr_not_negligible",
+              *[s for s, g in GROUP_SIGNALS.items() if g in named]]
     if "param_head" in named:
         claims += [*NOT_LEARNING, "probe_tracks_updates", *RESIDUAL_KNOCK_ON]
-    which = ", ".join(f"param group {i} ({'/'.join(g.get('groups', [])) or 'unnamed'})" for i, g in zero)
-    return _diagnosis("group_lr_zero", f"{which} has lr 0 while the others learn: its parameters get gradients but "
-                      "never move; give it a learning rate (the others' or its intended share)", bad, claims,
-                      "run_start optimizer_groups and train_step lr_groups", "New Diagnostics: parameter deltas")
+    if "residual_head" in named:
+        claims += [*RESIDUAL_KNOCK_ON, "eval_residual_matches_train", "eval_flow_matches_train"]
+    if "backbone" in named:
+        claims += ["backbone_learning"]
+    if negligible:
+        parts = []
+        for item in negligible:
+            index = item.get("index")
+            configured = groups[index].get("lr") if isinstance(index, int) and index < len(groups) else None
+            at_start = f"configured lr {configured:g}, " if isinstance(configured, float) else ""
+            parts.append(f"{item['name']} ({at_start}lr {item['lr_first']:g} at step 1, at most {item['lr_max']:.3g}: "
+                         f"{item['ratio_median']:.2g}x the other groups' median lr, up to "
+                         f"{item['others_median_max']:.3g})")
+        which = "; ".join(parts)
+        exact = any(g.get("lr") == 0.0 for i, g in zero) or any(
+            isinstance(it.get("index"), int) and it["index"] < len(groups) and groups[it["index"]].get("lr") == 0.0
+            for it in negligible)
+        cause_id = "group_lr_zero" if exact or zero else "group_lr_negligible"
+        cause = (f"{which}: its learning rate is negligible next to the others' (only the schedule's floor moves "
+                 f"it); set that group's lr in the param-group table (e.g. the others' "
+                 f"{negligible[0]['others_median_first']:g}, or its intended share of it)")
+    else:
+        which = ", ".join(f"param group {i} ({'/'.join(g.get('groups', [])) or 'unnamed'})" for i, g in zero)
+        cause_id, cause = "group_lr_zero", (f"{which} has lr 0 while the others learn: its parameters get gradients "
+                                            "but never move; give it a learning rate (the others' or its intended "
+                                            "share)")
+    return _diagnosis(cause_id, cause, bad, claims, "run_start optimizer_groups and train_step lr_groups",
+                      "New Diagnostics: parameter deltas")
 
 
 @reads("train_step.lr", "train_step.lr_groups")
@@ -581,6 +613,62 @@ def _loss_weights_off(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]
                       ("clipping_sane", "param_head_not_saturated", "eval_residual_matches_train", "train_val_agree",
                        *RESIDUAL_KNOCK_ON, *NOT_LEARNING, "residual_head_learning"),
                       "run_start config.loss_weights and the loss components per train_step", "Good vs Bad Signals")
+
+
+@reads("train_step.loss", "train_step.loss_parts")
+def _regularizers_swamp_loss(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The regularizer parts take most of the loss (``loss_not_regularizer_bound``): their weights are
+    far too large for this loss (a config recorded with loss weights is ``_loss_weights_off``'s)."""
+    verdict = bad.get("loss_not_regularizer_bound")
+    if verdict is None:
+        return []
+    share, parts = verdict.evidence.get("regularizer_share_median"), verdict.evidence.get("regularizer_parts", [])
+    first = verdict.evidence.get("regularizer_share_first")
+    return _diagnosis("regularizer_weights_too_large",
+                      f"the regularizer weights are far too large: {', '.join(parts)} make up {share:.0%} of the total "
+                      f"loss (median; {first:.0%} at step 1; healthy runs below 1 %, allowed "
+                      f"{verdict.evidence.get('allowed_share', 0):.0%}); the data term no longer drives training and "
+                      "the residual is pinned: lower those weights (to about 1/100-1/1000 of the data term's)", bad,
+                      ("loss_not_regularizer_bound", "clipping_sane", "param_head_not_saturated", "train_val_agree",
+                       "eval_residual_matches_train", "residual_head_learning", *RESIDUAL_KNOCK_ON, *NOT_LEARNING),
+                      "the loss parts per train_step (loss_parts) vs loss", "Good vs Bad Signals")
+
+
+@reads("loop_validation.loop_val_train_mode_forwards")
+def _loop_validation_train_mode(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The loop's own validation ran the model in train mode (``loop_validation_in_eval_mode``)."""
+    verdict = bad.get("loop_validation_in_eval_mode")
+    if verdict is None:
+        return []
+    ev = verdict.evidence
+    return _diagnosis("loop_validation_train_mode",
+                      f"the loop's validation ran {ev.get('train_mode_forwards')} of {ev.get('forwards')} forwards in "
+                      f"train mode ({ev.get('validations_in_train_mode')} of {ev.get('validations')} validations): call "
+                      "model.eval() before validating and model.train() after (dropout and batch-norm statistics "
+                      "otherwise act as in training)", bad,
+                      ("loop_validation_in_eval_mode", "eval_deterministic", "train_val_agree"),
+                      "loop_validation records (loop_val_train_mode_forwards)", "New Diagnostics: validation probe")
+
+
+@reads("train_step.weights_jump_before_epoch", "train_step.param_delta_*")
+def _resume_wrong_weights(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The weights changed between epochs with no optimizer step (``weights_continue_across_epochs``)."""
+    verdict = bad.get("weights_continue_across_epochs")
+    if verdict is None:
+        return []
+    ev = verdict.evidence
+    typical = ev.get("typical_step_change")
+    times = (f", {ev['largest_jump'] / typical:.3g}x a typical step's change" if isinstance(typical, float)
+             and math.isfinite(typical) and typical > 0 else "")
+    return _diagnosis("resume_wrong_weights",
+                      f"the weights an epoch starts from are not those the previous epoch ended with (changed by "
+                      f"{ev.get('largest_jump'):.4g}{times}, at the start of epoch(s) {ev.get('jumped_epochs')}): a "
+                      "resume or reload between epochs loads the wrong checkpoint (e.g. the initial weights) or an "
+                      "averaged copy is swapped in and left; load the last epoch's checkpoint (last.pt), model and "
+                      "optimizer state", bad,
+                      ("weights_continue_across_epochs", "logged_quantities_agree", "train_val_agree",
+                       "probe_tracks_updates", *NOT_LEARNING, *RESIDUAL_KNOCK_ON),
+                      "train_step weights_jump_before_epoch at each epoch's first step", "Helper Scripts: resume")
 
 
 @reads("train_step.params_at_bound_frac", "train_step.lr")
@@ -680,7 +768,8 @@ for _rule, _keys in {"_data_out_of_range": ("train_step.batch_nonfinite", "train
 
 RULES: tuple[Rule, ...] = (_data_out_of_range, _pairs_mismatched, _batch_repeats, _loss_summed, _learning_rate_zero,
                            _lr_schedule_zero, _group_lr_zero, _update_skipped, _optimizer_hparams, _loss_weights_off,
-                           _diverged, _lr_saturates_head, _clip_too_tight, _frozen_group, _optimizer_mismatch,
+                           _regularizers_swamp_loss, _loop_validation_train_mode, _resume_wrong_weights, _diverged,
+                           _lr_saturates_head, _clip_too_tight, _frozen_group, _optimizer_mismatch,
                            _val_random, _eval_differs, _train_val_disagree, _residual_hurts, _wrong_lens, _metric_wiring)
 
 

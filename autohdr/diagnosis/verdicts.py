@@ -73,6 +73,11 @@ class JudgeConfig:
     eval_flow_min_cosine: float = 0.5       # train vs eval residual flow cosine (healthy 1.0)
     lr_zero_rel: float = 1e-3               # lr at or below this fraction of the peak counts as zero
     lr_zero_max_frac: float = 0.25          # share of steps allowed at (near) zero lr
+    group_lr_min_ratio: float = 0.01        # a param group's lr / the median of the other groups' lrs below this
+                                            # counts as negligible (healthy per-head lrs differ by up to 3x)
+    group_lr_low_max_frac: float = 0.5      # share of steps a group's lr may be negligible
+    regularizer_max_share: float = 0.25     # median share of the total loss the regularizer parts may take
+    weights_jump_max: float = 0.0           # change of the weights between epochs (no step): healthy exactly 0
 
 
 #: Start of the detail of a signal that raised on its history (judged ``n/a``, see :func:`judge`).
@@ -1055,6 +1060,188 @@ def lr_not_mostly_zero(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     return Verdict("lr_not_mostly_zero", True, f"lr (near) 0 on {frac:.0%} of steps (peak {peak:g})", evidence)
 
 
+def _group_names(history: pd.DataFrame, count: int) -> list[str]:
+    """A name per optimizer param group: its named groups (run_start ``optimizer_groups``), else its index."""
+    start = _rows(history, "run_start")
+    groups = start.iloc[-1].get("optimizer_groups") if not start.empty and "optimizer_groups" in start else None
+    names = []
+    for index in range(count):
+        item = groups[index] if isinstance(groups, list) and index < len(groups) else None
+        named = "/".join(item.get("groups", [])) if isinstance(item, dict) else ""
+        names.append(f"param group {index} ({named})" if named else f"param group {index}")
+    return names
+
+
+def group_lr_not_negligible(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: one optimizer param group's learning rate is negligible next to the others' on most steps
+    (``lr_groups``): a group left at lr 0 in a per-group table, which a schedule with an absolute floor
+    (``eta_min``) turns into a tiny non-zero lr, so the group still moves a little.
+
+    Per step, each group's lr over the median of the other groups' lrs; negligible below
+    ``group_lr_min_ratio`` (1/100) on more than ``group_lr_low_max_frac`` (half) of the steps.
+    Healthy: per-head lrs differ by up to 3x (ratio >= 0.33; the competition loop's 1e-3 backbone
+    vs 3e-3 heads), so the margin is 33x, and a deliberate 10-100x discount (a pretrained backbone)
+    passes. A schedule scales every group alike (warm-up, cosine): the ratios stay. n/a with one
+    param group, or when the other groups are at 0 too (``lr_not_mostly_zero`` judges that).
+    """
+    steps = _rows(history, "train_step")
+    if "lr_groups" not in steps.columns:
+        return Verdict("group_lr_not_negligible", None, "no per-group learning rates recorded")
+    rows = [[_as_float(x) for x in v] for v in steps["lr_groups"] if isinstance(v, (list, tuple)) and len(v) >= 2]
+    widths = {len(r) for r in rows}
+    if not rows or len(widths) != 1:
+        return Verdict("group_lr_not_negligible", None, "one param group (or groups changing): nothing to compare")
+    table = np.asarray(rows, dtype=float)
+    names = _group_names(history, table.shape[1])
+    evidence: dict[str, Any] = {"min_ratio": cfg.group_lr_min_ratio, "allowed_frac": cfg.group_lr_low_max_frac,
+                                "steps": int(len(table)), "groups": {}}
+    low = []
+    for index in range(table.shape[1]):
+        others = np.median(np.delete(table, index, axis=1), axis=1)
+        judged = others > 0
+        if not judged.any():
+            continue
+        ratio = table[judged, index] / others[judged]
+        frac = float((ratio < cfg.group_lr_min_ratio).mean())
+        item = {"index": index, "name": names[index], "lr_first": float(table[0, index]),
+                "lr_max": float(table[:, index].max()), "others_median_first": float(others[0]),
+                "others_median_max": float(others.max()), "ratio_median": float(np.median(ratio)),
+                "negligible_frac": frac}
+        evidence["groups"][names[index]] = item
+        if frac > cfg.group_lr_low_max_frac:
+            low.append(item)
+    evidence["negligible_groups"] = low
+    if low:
+        text = "; ".join(f"{g['name']} lr {g['lr_first']:g} at step 1 and at most {g['lr_max']:.3g}, below "
+                         f"{cfg.group_lr_min_ratio:g}x the other groups' median (up to {g['others_median_max']:.3g}) "
+                         f"on {g['negligible_frac']:.0%} of steps" for g in low)
+        return Verdict("group_lr_not_negligible", False, text, evidence)
+    worst = min((g["ratio_median"] for g in evidence["groups"].values()), default=math.nan)
+    return Verdict("group_lr_not_negligible", True, f"every param group's lr within {1 / worst:.3g}x of the others'"
+                   if worst > 0 else "param group lrs comparable", evidence)
+
+
+#: Loss parts whose name says they are a regularizer of the flow or the warp (not a data term).
+REGULARIZER_WORDS = ("flow", "smooth", "tv", "curv", "jacobian", "fold", "reg", "penalty", "mag")
+
+
+def is_regularizer_part(name: str) -> bool:
+    """True for a loss part named like a regularizer (``flow_tv``, ``flow_smooth``, ``jacobian``, ...)."""
+    words = name.lower().replace("-", "_").split("_")
+    return any(w.startswith(r) for w in words for r in REGULARIZER_WORDS)
+
+
+def regularizer_share(steps: pd.DataFrame) -> tuple[pd.Series, list[str]] | None:
+    """Per training step, the share of the total loss taken by its regularizer parts, and their names.
+
+    The parts are the step's ``loss_parts`` (else every field ``X`` recorded beside ``X_weighted``,
+    autohdr's own loss). With weighted parts (``<part>_weighted``) the share is their sum over the
+    loss; with raw parts only (a loop's own loss) it is what the loss holds beyond its data parts,
+    ``(loss - sum of the data parts) / loss``, exact when the data terms have weight 1. ``None``
+    when no regularizer part (or no data part to subtract) is recorded.
+    """
+    if "loss" not in steps.columns:
+        return None
+    parts: list[str] = []
+    if "loss_parts" in steps.columns:
+        listed = steps["loss_parts"].dropna()
+        listed = listed[listed.map(lambda v: isinstance(v, (list, tuple)))]
+        if len(listed):
+            parts = [str(p) for p in listed.iloc[-1]]
+    if not parts:
+        parts = [c for c in steps.columns if f"{c}_weighted" in steps.columns]
+    parts = [p for p in parts if p in steps.columns and not p.endswith("_weighted")]
+    regs = [p for p in parts if is_regularizer_part(p)]
+    data = [p for p in parts if p not in regs]
+    if not regs:
+        return None
+    loss = numeric_series(steps["loss"]).astype(float)
+    if all(f"{p}_weighted" in steps.columns for p in regs):
+        reg = sum(numeric_series(steps[f"{p}_weighted"]).astype(float).fillna(0.0) for p in regs)
+    elif data:
+        reg = loss - sum(numeric_series(steps[p]).astype(float).fillna(0.0) for p in data)
+    else:
+        return None
+    share = (reg / loss.where(loss > 0)).clip(lower=0.0, upper=1.0).dropna()
+    return (share, regs) if len(share) else None
+
+
+def loss_not_regularizer_bound(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: the regularizer parts of the loss (flow smoothness / magnitude / curvature, the fold
+    penalty) take more than ``regularizer_max_share`` of the total loss (median over the steps): their
+    weights are far too large, the data term no longer drives training and the residual is pinned.
+
+    Healthy (measured, see docs/invariants-and-causes.md): the competition loop 0.1-0.6 %, autohdr's
+    stage 2/3 probes below 1 %; the competition loop's regularizer weights x1000 45-63 %. Floor 25 %.
+    n/a when the loss records no regularizer part (stage 1, a loss without parts).
+    """
+    found = regularizer_share(_rows(history, "train_step"))
+    if found is None:
+        return Verdict("loss_not_regularizer_bound", None, "no regularizer parts of the loss recorded")
+    share, regs = found
+    median = float(share.median())
+    evidence = {"regularizer_share_median": median, "regularizer_share_first": float(share.iloc[0]),
+                "regularizer_share_max": float(share.max()), "regularizer_parts": regs,
+                "allowed_share": cfg.regularizer_max_share, "steps": int(len(share))}
+    if median > cfg.regularizer_max_share:
+        return Verdict("loss_not_regularizer_bound", False,
+                       f"the regularizers ({', '.join(regs)}) are {median:.0%} of the total loss (median over "
+                       f"{len(share)} steps, {share.iloc[0]:.0%} at step 1; allowed {cfg.regularizer_max_share:.0%}): "
+                       "their weights swamp the data term", evidence)
+    return Verdict("loss_not_regularizer_bound", True, f"the regularizers are {median:.2%} of the loss (median)",
+                   evidence)
+
+
+def loop_validation_in_eval_mode(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: the loop's own validation (forwards with gradients off, seen by ``autohdr.attach``:
+    ``loop_validation`` records) ran the model in train mode: ``model.eval()`` missing, so dropout
+    and batch-norm statistics behave as in training. Healthy: 0 train-mode forwards. n/a when the
+    loop has no validation of its own (or was not attached)."""
+    records = _rows(history, "loop_validation")
+    forwards = _column(records, "loop_val_forwards")
+    if forwards is None:
+        return Verdict("loop_validation_in_eval_mode", None, "the loop has no validation of its own (not attached)")
+    train_mode = numeric_series(records["loop_val_train_mode_forwards"]).fillna(0) \
+        if "loop_val_train_mode_forwards" in records else pd.Series(0.0, index=records.index)
+    bad = records[train_mode > 0]
+    evidence = {"validations": int(len(records)), "forwards": int(forwards.sum()),
+                "train_mode_forwards": int(train_mode.sum()), "validations_in_train_mode": int(len(bad)),
+                "first_step": _as_int(bad.iloc[0].get("step"), None) if len(bad) else None}
+    if len(bad):
+        return Verdict("loop_validation_in_eval_mode", False,
+                       f"the loop's validation ran {evidence['train_mode_forwards']} of {evidence['forwards']} forwards "
+                       f"in train mode ({len(bad)} of {len(records)} validations, first after step "
+                       f"{evidence['first_step']})", evidence)
+    return Verdict("loop_validation_in_eval_mode", True, f"the loop's {len(records)} validations ran in eval mode",
+                   evidence)
+
+
+def weights_continue_across_epochs(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
+    """Bad: the weights at an epoch's first step are not those the previous epoch ended with
+    (``weights_jump_before_epoch``: the norm of their change with no optimizer step between): a
+    "resume" that loads the wrong checkpoint (e.g. the initial weights), an averaged copy swapped in
+    and left. Healthy: exactly 0 (nothing touches the weights between epochs; a resumed run starts
+    its measurement afresh). n/a with one epoch or no measurement."""
+    steps = _rows(history, "train_step")
+    jumps = _column(steps, "weights_jump_before_epoch")
+    if jumps is None:
+        return Verdict("weights_continue_across_epochs", None, "needs >= 2 epochs with parameter measurements")
+    moved = jumps[jumps > cfg.weights_jump_max]
+    deltas = [c for c in steps.columns if c.startswith("param_delta_")]
+    step_norm = steps[deltas].apply(numeric_series).fillna(0.0).pow(2).sum(axis=1).pow(0.5) if deltas else None
+    typical = float(step_norm[step_norm > 0].median()) if step_norm is not None and (step_norm > 0).any() else math.nan
+    epochs = [_as_int(steps.loc[i, "epoch"], None) for i in moved.index]
+    evidence = {"epoch_starts_compared": int(len(jumps)), "jumped_epochs": epochs,
+                "largest_jump": float(jumps.max()), "typical_step_change": typical}
+    if len(moved):
+        times = f" ({float(moved.max()) / typical:.3g}x a typical step's change)" if typical > 0 else ""
+        return Verdict("weights_continue_across_epochs", False,
+                       f"the weights changed by {float(moved.max()):.4g}{times} between epochs with no optimizer step, "
+                       f"at the start of epoch(s) {epochs}: something between epochs loads or edits them", evidence)
+    return Verdict("weights_continue_across_epochs", True,
+                   f"each of {len(jumps)} epochs starts from the weights the previous one ended with", evidence)
+
+
 SIGNALS: dict[str, Callable[[pd.DataFrame, JudgeConfig], Verdict]] = {
     "scores_move": scores_move,
     "probe_checksums_change": probe_checksums_change,
@@ -1087,6 +1274,10 @@ SIGNALS: dict[str, Callable[[pd.DataFrame, JudgeConfig], Verdict]] = {
     "eval_flow_matches_train": eval_flow_matches_train,
     "val_batches_repeat": val_batches_repeat,
     "lr_not_mostly_zero": lr_not_mostly_zero,
+    "group_lr_not_negligible": group_lr_not_negligible,
+    "loss_not_regularizer_bound": loss_not_regularizer_bound,
+    "loop_validation_in_eval_mode": loop_validation_in_eval_mode,
+    "weights_continue_across_epochs": weights_continue_across_epochs,
 }
 
 
