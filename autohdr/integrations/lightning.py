@@ -196,22 +196,33 @@ class AutohdrCallback(pl.Callback):
                                "{'loss': loss, 'correction': correction, 'parts': parts}")
         if trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches  # Lightning divides the returned loss by it
+        self._stop_if_not_finite(loss, parts)
         optimizer = trainer.optimizers[0]
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         clip = _number(trainer.gradient_clip_val)
         by_norm = clip is not None and clip > 0 and _clip_algorithm(trainer) == "norm"
         with stepped_lrs(optimizer, self._step_lrs):
-            record = self._hooks.on_train_batch_end(
+            self._hooks.on_train_batch_end(
                 loss, correction, components=parts, batch_size=_batch_size(batch, correction),
                 grad_norm_total=self._grad_total, clip_norm=clip if by_norm else None,
                 # the gradients the optimizer stepped with (clipped; zeroed only in the next closure):
                 # clipping by value, or by the module's own configure_gradient_clipping, is observed
                 grad_norm_at_step=torch.nn.utils.get_total_norm(grads, 2.0) if grads else None)
         self._steps_since_validation += 1
-        if not math.isfinite(record["loss"]):
-            self._hooks.fail_non_finite("loss", record["loss"], parts, step=record["step"])
-        if not math.isfinite(record.get("grad_norm_total", 0.0)):
-            self._hooks.fail_non_finite("gradient norm", record["grad_norm_total"], parts, step=record["step"])
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> None:
+        """A non-finite loss or gradient norm stops the run as autohdr's Trainer does: an ``error``
+        record naming it (and the bad sample, while the hooks still hold the batch), then
+        :class:`~autohdr.diagnosis.hooks.NonFiniteLossError`. One host read for both figures."""
+        figures = [loss.detach().float().reshape(())]
+        if self._grad_total is not None:
+            figures.append(self._grad_total.detach().float().reshape(()))
+        if bool(torch.isfinite(torch.stack(figures)).all()):
+            return
+        value = float(figures[0])
+        if math.isfinite(value):
+            self._hooks.fail_non_finite("gradient norm", float(figures[1]), parts)
+        self._hooks.fail_non_finite("loss", value, parts)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
