@@ -24,6 +24,7 @@ from autohdr.diagnosis.hooks import InstrumentationConfig, NonFiniteLossError, d
 from autohdr.diagnosis.metrics_log import read_metrics  # noqa: E402
 from autohdr.diagnosis.run_intent import ExistingRunError, judge_config_for  # noqa: E402
 from autohdr.diagnosis.verdicts import judge  # noqa: E402
+from autohdr.integrations.lightning import AutohdrCallback, lens_model, step_outputs  # noqa: E402
 from autohdr.lens.evaluation import correct  # noqa: E402
 from autohdr.lens.model import LensCorrectionModel  # noqa: E402
 from autohdr.runs.debug import build_loaders, load_ground_truth, resolve_preset, select_rows  # noqa: E402
@@ -90,7 +91,7 @@ def train_with_lightning(run_dir: Path, *, model=None, seed: int = 0, overrides=
     The lines marked ``# autohdr`` are what a Lightning user adds; ``hand_like`` is what the
     hand loop gives its hooks (the preset's loss weights, judge thresholds and instrumentation
     settings, the ground truth), so that the two runs are configured alike."""
-    from autohdr.integrations.lightning import AutohdrCallback  # autohdr
+    from autohdr.integrations.lightning import AutohdrCallback  # noqa: F811  # autohdr
     preset = resolve_preset("stage2_probe", {**TINY, **(overrides or {})})
     cfg, spec = preset.train, preset.train.spec
     train_rows, val_rows = select_rows(default_fixture_root(), preset.data)
@@ -171,7 +172,7 @@ def test_the_first_epoch_is_the_hand_loops_step_for_step(runs):
 def test_the_run_records_its_intent_lightnings_clip_and_every_groups_lr(runs):
     history = read_metrics(runs["dir"])
     start = history[history["kind"] == "run_start"].iloc[-1]
-    assert start["intent"] == "probe" and start["attached"] == "lightning"
+    assert start["intent"] == "probe" and start["integration"] == "lightning"
     assert start["lightning"]["gradient_clip_val"] == 5.0 and start["lightning"]["gradient_clip_algorithm"] == "norm"
     steps = history[history["kind"] == "train_step"]
     assert (steps["clip_norm"] == 5.0).all() and steps["lr_groups"].map(len).eq(1).all()
@@ -244,6 +245,50 @@ def test_a_lightning_checkpoint_resumes_the_metrics(tmp_path):
     assert steps["step"].tolist() == list(range(1, 7)) and steps["epoch"].tolist() == [0, 0, 1, 1, 2, 2]
     assert history.query("kind == 'val_epoch'")["epoch"].tolist() == [0, 1, 2]
     assert len(history.query("kind == 'run_start'")) == 2 and len(history.query("kind == 'run_end'")) == 1
+
+
+class ManualOptimization(LitLens):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+
+def test_manual_optimization_is_refused_by_name(tmp_path):
+    model = LensCorrectionModel(resolve_preset("stage2_probe", TINY).model)
+    module = ManualOptimization(model, None, residual_active=True, lr=1e-3, weight_decay=0.0)
+    trainer = pl.Trainer(callbacks=[AutohdrCallback(tmp_path / "run")], accelerator="cpu", max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="automatic optimization with one optimizer"):
+        trainer.fit(module, train_dataloaders=[{}])
+    assert not (tmp_path / "run").exists()
+
+
+class TestLensModel:
+    """Which module of the LightningModule the hooks observe."""
+
+    def test_the_child_that_names_the_groups(self):
+        module = LitLens(LensCorrectionModel(), None, residual_active=True, lr=1e-3, weight_decay=0.0)
+        assert lens_model(module) is module.model
+        assert lens_model(module, "model.backbone") is module.model.backbone
+
+    def test_a_wrong_path_names_the_children(self):
+        module = LitLens(LensCorrectionModel(), None, residual_active=True, lr=1e-3, weight_decay=0.0)
+        with pytest.raises(AttributeError, match=r"model='net'\): LitLens has no attribute 'net'; its child modules: model"):
+            lens_model(module, "net")
+
+
+class TestStepOutputs:
+    """What ``training_step`` returned, as the step record reads it."""
+
+    def test_a_plain_loss(self):
+        loss = torch.tensor(0.5)
+        assert step_outputs(loss) == (loss, None, {})
+
+    def test_parts_beside_the_loss_and_in_parts(self):
+        loss, correction, parts = step_outputs({"loss": torch.tensor(0.5), "edge": torch.tensor(0.1),
+                                                "parts": {"pixel": torch.tensor(0.2)}, "correction": "not one"})
+        assert float(loss) == 0.5 and correction is None
+        assert {name: round(float(v), 6) for name, v in parts.items()} == {"edge": 0.1, "pixel": 0.2}
 
 
 # ---------------------------------------------------------------------------- what the user adds

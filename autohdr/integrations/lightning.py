@@ -129,7 +129,7 @@ class AutohdrCallback(pl.Callback):
             self.hooks.load_state_dict(self._resumed)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        info: dict[str, Any] = {"intent": self.intent, "attached": "lightning", "lightning": {
+        info: dict[str, Any] = {"intent": self.intent, "integration": "lightning", "lightning": {
             "version": pl.__version__,
             "gradient_clip_val": _number(trainer.gradient_clip_val),
             "gradient_clip_algorithm": _clip_algorithm(trainer),
@@ -141,8 +141,8 @@ class AutohdrCallback(pl.Callback):
         self._hooks.on_train_start(self.val_loader, resume_step=resume_step, info=info)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A run that stopped where Lightning alone knew it would (early stopping, time limit)
-        still gets its final validation."""
+        """A run that stopped mid-epoch where only Lightning knew it would (``max_time``, a
+        callback's ``should_stop`` during the epoch) still gets its final validation."""
         if self.val_loader is not None and not self._final_validated and self._steps_since_validation:
             self._validate(final=True)
             self._hooks.on_train_epoch_end()
