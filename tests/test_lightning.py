@@ -84,7 +84,8 @@ class LitLens(pl.LightningModule):
 
 
 def train_with_lightning(run_dir: Path, *, model=None, seed: int = 0, overrides=None, epochs: int | None = None,
-                         ckpt_path: Path | None = None, loader_fault=None, **module_options):
+                         ckpt_path: Path | None = None, loader_fault=None, accumulate_grad_batches: int = 1,
+                         **module_options):
     """``tests/hand_loop.py::train_by_hand`` with Lightning doing the loop: the same preset, data,
     seed, model, optimizer and clip. Returns the Trainer (its callback wrote ``run_dir``).
 
@@ -107,7 +108,8 @@ def train_with_lightning(run_dir: Path, *, model=None, seed: int = 0, overrides=
     trainer = pl.Trainer(
         callbacks=[AutohdrCallback(run_dir, val_loader=val_loader, intent="probe", **hand_like)],  # autohdr
         max_epochs=epochs or cfg.epochs, limit_train_batches=cfg.max_steps_per_epoch or 1.0,
-        gradient_clip_val=cfg.grad_clip_norm, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+        gradient_clip_val=cfg.grad_clip_norm, accumulate_grad_batches=accumulate_grad_batches,
+        accelerator="cpu", devices=1, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=run_dir.parent)
     if loader_fault is not None:
@@ -220,6 +222,22 @@ def test_a_nan_in_a_batch_stops_the_run_naming_the_sample(tmp_path):
     assert history["kind"].tolist()[-2:] == ["error", "run_end"]  # the file is closed (on_exception)
     assert oks(verdicts)["finite"] is False
     assert any("finite" in d.signals and d.cause_id != "unexplained" for d in diagnoses), diagnoses
+
+
+def test_gradient_accumulation_records_one_step_per_optimizer_step(tmp_path):
+    """Two micro-batches a step: one record each, holding the second micro-batch's loss as
+    training_step returned it (Lightning's division by 2 undone)."""
+    trainer = train_with_lightning(tmp_path / "run", accumulate_grad_batches=2)
+    steps = read_metrics(tmp_path / "run").query("kind == 'train_step'")
+    assert trainer.global_step == 4 and steps["step"].tolist() == [1, 2, 3, 4]
+    preset = resolve_preset("stage2_probe", TINY)
+    train_loader, _ = build_loaders(*select_rows(default_fixture_root(), preset.data), preset.data, 0)
+    second = list(train_loader)[1]  # epoch 0's second micro-batch, seen with the initial weights
+    torch.manual_seed(0)
+    with torch.no_grad():
+        correction = correct(LensCorrectionModel(preset.model), second["input_image"], True)
+        expected, _ = default_loss_fn(preset.train.spec, preset.train.loss_weights)(correction, second["target_image"])
+    assert steps["loss"].iloc[0] == pytest.approx(float(expected), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------- run folders and checkpoints
