@@ -67,9 +67,16 @@ def healthy_records(stage: str = "stage2_hybrid", *, epochs: int = 4, steps_per_
     for epoch in range(epochs):
         for _ in range(steps_per_epoch):
             step += 1
+            loss = 1.0 - 0.5 * step / total_steps
             rec: Record = {"kind": "train_step", "epoch": epoch, "step": step, "lr": 1e-3,
-                           "loss": 1.0 - 0.5 * step / total_steps, "grad_norm_total": 0.5,
-                           "grad_clipped": step % 10 == 0, "residual_branch_active": residual}
+                           "loss": loss, "grad_norm_total": 0.5,
+                           "grad_clipped": step % 10 == 0, "residual_branch_active": residual,
+                           # two param groups, the heads' lr 3x the backbone's (as in the competition loop)
+                           "lr_groups": [1e-3, 3e-3], "loss_parts": ["flow_tv", "pixel"],
+                           "pixel": loss, "pixel_weighted": loss,
+                           "flow_tv": 0.04 if residual else 0.0, "flow_tv_weighted": 0.002 if residual else 0.0}
+            if epoch > 0 and step == epoch * steps_per_epoch + 1:
+                rec["weights_jump_before_epoch"] = 0.0  # nothing touches the weights between epochs
             if instrumentation:
                 rec.update({"grad_norm_backbone": 0.3, "grad_norm_param_head": 0.2,
                             "grad_norm_residual_head": 0.1 if residual else 0.0,
@@ -108,6 +115,8 @@ def healthy_records(stage: str = "stage2_hybrid", *, epochs: int = 4, steps_per_
                 val["rank_param_checksums"] = [f"p{epoch}"] * world_size
                 val["rank_probe_checksums"] = [f"q{epoch}"] * world_size
         records.append(val)
+        records.append({"kind": "loop_validation", "epoch": epoch, "step": step, "loop_val_forwards": 2,
+                        "loop_val_train_mode_forwards": 0})
     end: Record = {"kind": "run_end", "epoch": epochs - 1, "step": step, "samples_per_sec": 200.0}
     if instrumentation:
         end["optimizer_coverage"] = {"steps_observed": step, "optimized_tensors": 40,
@@ -193,7 +202,8 @@ def residual_frozen(records):
 
 def lr_zero(records):
     """Learning rate 0: nothing moves, the loss is flat, scores and checksums stay at epoch 0's."""
-    records = _edit(records, "train_step", lr=0.0, loss=0.8, **{f"param_delta_{g}": 0.0 for g in GROUPS})
+    records = _edit(records, "train_step", lr=0.0, lr_groups=[0.0, 0.0], loss=0.8,
+                    **{f"param_delta_{g}": 0.0 for g in GROUPS})
     records = _edit(records, "val_epoch", lambda v: "val_proxy_no_residual_total" in v,
                     val_proxy_no_residual_total=0.445)
     return _edit(records, "val_epoch", val_proxy_total=0.45, probe_proxy_total_score=0.50, probe_pixel=0.20,
@@ -356,9 +366,29 @@ def val_augmented(records):
 def lr_schedule_ends(records):
     """A schedule sized to the first epoch with a floor of 0: lr 0 from step 6 on, so nothing moves
     and the probe stays at epoch 0's."""
-    records = _edit(records, "train_step", lambda r: r["step"] > 5, lr=0.0,
+    records = _edit(records, "train_step", lambda r: r["step"] > 5, lr=0.0, lr_groups=[0.0, 0.0],
                     **{f"param_delta_{g}": 0.0 for g in GROUPS})
     return _edit(records, "val_epoch", probe_pred_checksum="pred000000000000")
+
+
+def group_lr_negligible(records):
+    """The heads' param group left at lr 0 under a schedule with an absolute floor: 1e-6 next to 1e-3."""
+    return _edit(records, "train_step", lr_groups=[1e-3, 1e-6])
+
+
+def regularizers_swamp_loss(records):
+    """Regularizer weights x1000: the flow terms are 60 % of the total loss."""
+    return _edit(records, "train_step", flow_tv=0.04, flow_tv_weighted=lambda r: 0.6 * r["loss"])
+
+
+def validate_in_train_mode(records):
+    """The loop's own validate() without model.eval(): both of its forwards in train mode."""
+    return _edit(records, "loop_validation", loop_val_train_mode_forwards=2)
+
+
+def weights_reloaded(records):
+    """Each epoch from the second starts from other weights than the last one ended with."""
+    return _edit(records, "train_step", lambda r: "weights_jump_before_epoch" in r, weights_jump_before_epoch=0.5)
 
 
 # Fault -> signals that must go bad, in every stage unless listed per stage.
@@ -409,6 +439,10 @@ EXPECTED_BAD: dict[Callable, dict[str, set[str]]] = {
                                "stage3_finetune": {"eval_flow_matches_train"}},
     val_augmented: dict.fromkeys(STAGES, {"val_batches_repeat"}),
     # nothing moves from epoch 2 on (the probe stays at epoch 1's; the healthy loss curve is kept)
+    group_lr_negligible: dict.fromkeys(STAGES, {"group_lr_not_negligible"}),
+    regularizers_swamp_loss: dict.fromkeys(STAGES, {"loss_not_regularizer_bound"}),
+    validate_in_train_mode: dict.fromkeys(STAGES, {"loop_validation_in_eval_mode"}),
+    weights_reloaded: dict.fromkeys(STAGES, {"weights_continue_across_epochs"}),
     lr_schedule_ends: {"stage1_param_only": {"lr_not_mostly_zero", "groups_move_with_gradients",
                                              "probe_checksums_change"},
                        **dict.fromkeys(("stage2_hybrid", "stage3_finetune"), {
@@ -463,7 +497,15 @@ RED: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "params_track_ground_truth": (wrong_lens, "stage1_param_only", ("k1 correlates -0.50", "wrong lens")),
     "eval_flow_matches_train": (residual_flipped_at_eval, "stage2_hybrid", ("cosine -1.00",)),
     "val_batches_repeat": (val_augmented, "stage3_finetune", ("4 versions in 4", "augmentation")),
-    "lr_not_mostly_zero": (lr_schedule_ends, "stage1_param_only", ("(near) 0 on 75% of 20 steps", "peak 0.001")),
+    "lr_not_mostly_zero": (lr_schedule_ends, "stage1_param_only", ("(near) 0 on 75% of 20 steps", "peak 0.003")),
+    "group_lr_not_negligible": (group_lr_negligible, "stage2_hybrid",
+                                ("param group 1 lr 1e-06 at step 1", "below 0.01x", "on 100% of steps")),
+    "loss_not_regularizer_bound": (regularizers_swamp_loss, "stage2_hybrid",
+                                   ("the regularizers (flow_tv) are 60% of the total loss", "allowed 25%")),
+    "loop_validation_in_eval_mode": (validate_in_train_mode, "stage3_finetune",
+                                     ("ran 8 of 8 forwards in train mode", "4 of 4 validations")),
+    "weights_continue_across_epochs": (weights_reloaded, "stage1_param_only",
+                                       ("changed by 0.5", "at the start of epoch(s) [1, 2, 3]")),
 }
 
 
@@ -680,7 +722,18 @@ NOT_APPLICABLE = [
     ("eval_flow_matches_train", "stage1_param_only", (), {}, "residual branch is off"),
     ("eval_flow_matches_train", "stage2_hybrid", (), {"instrumentation": False}, "no train-vs-eval flow"),
     ("val_batches_repeat", "stage3_finetune", (val_augmented,), {"epochs": 1}, "needs fingerprints of >= 2"),
-    ("lr_not_mostly_zero", "stage2_hybrid", (lambda r: _drop(r, "train_step", "lr"),), {}, "no learning rate"),
+    ("lr_not_mostly_zero", "stage2_hybrid", (lambda r: _drop(r, "train_step", "lr", "lr_groups"),), {},
+     "no learning rate"),
+    ("group_lr_not_negligible", "stage2_hybrid", (lambda r: _edit(r, "train_step", lr_groups=[1e-3]),), {},
+     "one param group"),
+    ("group_lr_not_negligible", "stage2_hybrid", (lambda r: _drop(r, "train_step", "lr_groups"),), {},
+     "no per-group learning rates"),
+    ("loss_not_regularizer_bound", "stage2_hybrid",
+     (lambda r: _drop(r, "train_step", "loss_parts", "pixel", "pixel_weighted", "flow_tv", "flow_tv_weighted"),), {},
+     "no regularizer parts"),
+    ("loop_validation_in_eval_mode", "stage2_hybrid", (lambda r: [x for x in r if x["kind"] != "loop_validation"],),
+     {}, "no validation of its own"),
+    ("weights_continue_across_epochs", "stage2_hybrid", (), {"epochs": 1}, "needs >= 2 epochs"),
 ]
 
 

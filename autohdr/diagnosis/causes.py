@@ -120,6 +120,11 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _pct(value: Any) -> str:
+    """``value`` (a fraction) as a percentage; ``?`` when it is not a number."""
+    return f"{value:.0%}" if isinstance(value, (int, float)) and math.isfinite(value) else "?"
+
+
 # ---------------------------------------------------------------------------- verdict helpers
 
 def _grad_zero(verdict: Verdict | None) -> float | None:
@@ -517,17 +522,22 @@ def _group_lr_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
             index = item.get("index")
             configured = groups[index].get("lr") if isinstance(index, int) and index < len(groups) else None
             at_start = f"configured lr {configured:g}, " if isinstance(configured, float) else ""
-            parts.append(f"{item['name']} ({at_start}lr {item['lr_first']:g} at step 1, at most {item['lr_max']:.3g}: "
-                         f"{item['ratio_median']:.2g}x the other groups' median lr, up to "
-                         f"{item['others_median_max']:.3g})")
+            try:
+                parts.append(f"{item['name']} ({at_start}lr {item['lr_first']:g} at step 1, at most "
+                             f"{item['lr_max']:.3g}: {item['ratio_median']:.2g}x the other groups' median lr, up to "
+                             f"{item['others_median_max']:.3g})")
+            except (KeyError, TypeError, ValueError):
+                parts.append(str(item.get("name", f"param group {index}")))
         which = "; ".join(parts)
         exact = any(g.get("lr") == 0.0 for i, g in zero) or any(
             isinstance(it.get("index"), int) and it["index"] < len(groups) and groups[it["index"]].get("lr") == 0.0
             for it in negligible)
         cause_id = "group_lr_zero" if exact or zero else "group_lr_negligible"
+        others = negligible[0].get("others_median_first")
+        example = f"e.g. the others' {others:g}, or its intended share of it" if isinstance(others, float) else \
+            "the others' or its intended share"
         cause = (f"{which}: its learning rate is negligible next to the others' (only the schedule's floor moves "
-                 f"it); set that group's lr in the param-group table (e.g. the others' "
-                 f"{negligible[0]['others_median_first']:g}, or its intended share of it)")
+                 f"it); set that group's lr in the param-group table ({example})")
     else:
         which = ", ".join(f"param group {i} ({'/'.join(g.get('groups', [])) or 'unnamed'})" for i, g in zero)
         cause_id, cause = "group_lr_zero", (f"{which} has lr 0 while the others learn: its parameters get gradients "
@@ -622,13 +632,14 @@ def _regularizers_swamp_loss(bad: dict[str, Verdict], run: RunFacts) -> list[Dia
     verdict = bad.get("loss_not_regularizer_bound")
     if verdict is None:
         return []
-    share, parts = verdict.evidence.get("regularizer_share_median"), verdict.evidence.get("regularizer_parts", [])
-    first = verdict.evidence.get("regularizer_share_first")
+    ev = verdict.evidence
+    parts = ", ".join(ev.get("regularizer_parts") or ["the regularizer parts"])
+    share = f"{_pct(ev.get('regularizer_share_median'))} of the total loss (median; {_pct(ev.get('regularizer_share_first'))}" \
+            f" at step 1; healthy runs below 1 %, allowed {_pct(ev.get('allowed_share'))})"
     return _diagnosis("regularizer_weights_too_large",
-                      f"the regularizer weights are far too large: {', '.join(parts)} make up {share:.0%} of the total "
-                      f"loss (median; {first:.0%} at step 1; healthy runs below 1 %, allowed "
-                      f"{verdict.evidence.get('allowed_share', 0):.0%}); the data term no longer drives training and "
-                      "the residual is pinned: lower those weights (to about 1/100-1/1000 of the data term's)", bad,
+                      f"the regularizer weights are far too large: {parts} make up {share}; the data term no longer "
+                      "drives training and the residual is pinned: lower those weights (to about 1/100-1/1000 of "
+                      "the data term's)", bad,
                       ("loss_not_regularizer_bound", "clipping_sane", "param_head_not_saturated", "train_val_agree",
                        "eval_residual_matches_train", "residual_head_learning", *RESIDUAL_KNOCK_ON, *NOT_LEARNING),
                       "the loss parts per train_step (loss_parts) vs loss", "Good vs Bad Signals")
@@ -657,12 +668,13 @@ def _resume_wrong_weights(bad: dict[str, Verdict], run: RunFacts) -> list[Diagno
     if verdict is None:
         return []
     ev = verdict.evidence
-    typical = ev.get("typical_step_change")
-    times = (f", {ev['largest_jump'] / typical:.3g}x a typical step's change" if isinstance(typical, float)
-             and math.isfinite(typical) and typical > 0 else "")
+    typical, jump = ev.get("typical_step_change"), ev.get("largest_jump")
+    sized = isinstance(jump, (int, float)) and isinstance(typical, (int, float)) and math.isfinite(typical) and typical > 0
+    times = f", {jump / typical:.3g}x a typical step's change" if sized else ""
+    by = f"changed by {jump:.4g}{times}" if isinstance(jump, (int, float)) else "changed"
     return _diagnosis("resume_wrong_weights",
-                      f"the weights an epoch starts from are not those the previous epoch ended with (changed by "
-                      f"{ev.get('largest_jump'):.4g}{times}, at the start of epoch(s) {ev.get('jumped_epochs')}): a "
+                      f"the weights an epoch starts from are not those the previous epoch ended with ({by}, at the "
+                      f"start of epoch(s) {ev.get('jumped_epochs', '?')}): a "
                       "resume or reload between epochs loads the wrong checkpoint (e.g. the initial weights) or an "
                       "averaged copy is swapped in and left; load the last epoch's checkpoint (last.pt), model and "
                       "optimizer state", bad,
