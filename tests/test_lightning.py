@@ -1,7 +1,8 @@
 """``AutohdrCallback`` on a PyTorch Lightning Trainer: the hand loop's verdicts on the same seed and
-data, faults stay red with a named cause, a folder holding a run is refused, a checkpoint resumes
-the metrics, the user adds 3 lines, and neither ``import autohdr`` nor ``autohdr.integrations``
-imports Lightning."""
+data, faults stay red with a named cause (a NaN batch stops the run), a folder holding a run is
+refused, a checkpoint resumes the metrics, gradient accumulation records one step per optimizer
+step, the user adds 3 lines, and neither ``import autohdr`` nor ``autohdr.integrations`` imports
+Lightning."""
 
 from __future__ import annotations
 
