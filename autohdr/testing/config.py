@@ -21,6 +21,7 @@ Every problem is a :class:`ConfigError` naming the file and key and what was exp
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +53,11 @@ class PluginConfig:
     device: str = "auto"
     seed: int = 0
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # mode or "all" -> {key: value}
+    command_line: Mapping[str, Any] = field(default_factory=dict)  # --autohdr-set KEY=VALUE, every mode
 
     def mode_overrides(self, mode: str) -> dict[str, Any]:
-        """The preset overrides of ``mode``: ``all`` first, the mode's own winning."""
-        return {**self.overrides.get(ALL_MODES, {}), **self.overrides.get(mode, {})}
+        """The preset overrides of ``mode``: ``all`` first, then the mode's own, then ``--autohdr-set``."""
+        return {**self.overrides.get(ALL_MODES, {}), **self.overrides.get(mode, {}), **self.command_line}
 
     def describe(self, mode: str) -> dict[str, Any]:
         """Everything that decides ``mode``'s run (JSON-able): the key of the shared run."""
@@ -94,6 +96,12 @@ def _modes(value: Any, where: str) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"{where}: modes: unknown mode {unknown[0]!r}; expected some of {list(MODES)}")
     return tuple(dict.fromkeys(value))
+
+
+def _device(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"{where}: {key} must be 'auto', 'cpu' or 'cuda[:N]', got {value!r}")
+    return value
 
 
 def _groups(value: Any, where: str) -> dict[str, str]:
@@ -156,10 +164,7 @@ def from_table(table: Mapping[str, Any], *, source: str, base_dir: Path) -> Plug
     if "groups" in table:
         values["groups"] = _groups(table["groups"], source)
     if "device" in table:
-        device = table["device"]
-        if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
-            raise ConfigError(f"{source}: device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-        values["device"] = device
+        values["device"] = _device(table["device"], "device", source)
     if "seed" in table:
         if not isinstance(table["seed"], int) or isinstance(table["seed"], bool):
             raise ConfigError(f"{source}: seed must be an integer, got {table['seed']!r}")
@@ -184,15 +189,15 @@ def with_options(config: PluginConfig, options: Mapping[str, Any], *, cwd: Path)
     if options.get("groups"):
         changes["groups"] = _groups(options["groups"], f"{where}: --autohdr-groups")
     if options.get("device"):
-        changes["device"] = options["device"]
+        changes["device"] = _device(options["device"], "--autohdr-device", where)
     if options.get("set"):
-        extra = dict(config.overrides.get(ALL_MODES, {}))
+        extra = dict(config.command_line)
         for item in options["set"]:
             if "=" not in item:
                 raise ConfigError(f"{where}: --autohdr-set {item!r} must look like KEY=VALUE")
             key, value = item.split("=", 1)
             extra[key.strip()] = value
-        changes["overrides"] = {**config.overrides, ALL_MODES: extra}
+        changes["command_line"] = extra
     return dataclasses.replace(config, **changes) if changes else config
 
 

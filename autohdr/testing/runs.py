@@ -8,6 +8,7 @@ the user's ``train(run_dir, settings)`` runs instead of the Trainer and the plug
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -64,6 +65,22 @@ class RunSettings:
     @property
     def instrumentation(self) -> InstrumentationConfig:
         return InstrumentationConfig.from_train_config(self.preset.train)
+
+    @property
+    def intent(self) -> str:
+        """What the run is for, as ``autohdr.attach(intent=...)`` takes it: ``overfit`` (train == val) or ``probe``."""
+        return "overfit" if self.mode.startswith("overfit") else "probe"
+
+    @property
+    def attach_options(self) -> dict[str, Any]:
+        """The mode's ``stage``, ``groups``, ``intent``, instrumentation ``config``, ``judge_config``
+        and (where the data root has ``ground_truth.csv``) ``ground_truth`` for ``autohdr.attach``:
+        ``autohdr.attach(model, optimizer, run_dir, ..., **settings.attach_options)`` records what
+        the plugin judges, so ``autohdr judge run_dir`` agrees with the signal tests."""
+        from autohdr.runs.debug import load_ground_truth
+
+        return {"stage": self.stage, "groups": self.groups, "intent": self.intent, "config": self.instrumentation,
+                "judge_config": dataclasses.asdict(self.preset.judge), "ground_truth": load_ground_truth(self.data_root)}
 
     def build_model(self) -> nn.Module:
         """The user's model, built after seeding torch with :attr:`seed` (as the debug modes do)."""
