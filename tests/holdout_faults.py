@@ -36,6 +36,7 @@ from autohdr.data.settings import default_fixture_root
 from autohdr.lens.evaluation import Correction, correct
 from autohdr.lens.losses import LossWeights
 from autohdr.lens.model import LensCorrectionModel
+from autohdr.training.config import to_dict
 
 #: The smallest size that still trains: 8 pairs at 64 px in batches of 4 (2 steps an epoch).
 SMALL: dict[str, Any] = {"data.num_pairs": 8, "data.resize_hw": [64, 64], "data.batch_size": 4,
@@ -222,6 +223,8 @@ def _hand_loop(out_dir: Path, mode: str, fault: LoopFault, *, overrides: dict, e
     hooks = Instrumentation(model, optimizer, out_dir, stage=cfg.stage, loss_fn=loss_fn,
                             ground_truth=load_ground_truth(root),
                             config=InstrumentationConfig.from_train_config(cfg), log=lambda message: None)
+    # what the run is, so it can be judged again from its folder as it was judged here
+    hooks.run_info = {"mode": preset.mode, "judge_config": to_dict(preset.judge)}
     params = [p for g in groups for p in g["params"]]
     error = None
     try:

@@ -337,10 +337,10 @@ ALL_NAMES = list(SIGNALS) + [name for name in dict.fromkeys(RULE_SIGNALS) if nam
 
 class TestCoverage:
     def test_unexplained_signals_come_last_with_their_names(self):
-        verdicts = [bad("not_data_bound"), bad("batches_vary"), bad("init_is_identity")]
+        verdicts = [bad("loss_decreases"), bad("batches_vary"), bad("clipping_sane")]
         found = diagnose(verdicts, history())
         assert [d.cause_id for d in found] == ["batch_repeats", "unexplained"]
-        assert found[-1].signals == ("not_data_bound", "init_is_identity")
+        assert found[-1].signals == ("loss_decreases", "clipping_sane")
 
     @settings(max_examples=60, deadline=None)
     @given(states=st.lists(st.sampled_from((True, False, None)), min_size=len(ALL_NAMES), max_size=len(ALL_NAMES)),
@@ -365,7 +365,7 @@ class TestCoverage:
         assert all(any(h.startswith(section) for h in headings) for section in RUNBOOK_SECTIONS), headings
 
     def test_format(self):
-        found = diagnose([bad("loss_decreases"), bad("scores_move"), bad("not_data_bound")],
+        found = diagnose([bad("loss_decreases"), bad("scores_move"), bad("clipping_sane")],
                          history(lr=0.0, config_lr=0.0))
         text = format_diagnoses(found)
         assert text.splitlines() == [
@@ -375,7 +375,7 @@ class TestCoverage:
             "  look at: train_step lr (and run_start config.lr); runbook: Good vs Bad Signals: proxy and probe "
             "scores must move across epochs",
             "- no common cause found: each signal's own detail says what it saw",
-            "  explains: not_data_bound",
+            "  explains: clipping_sane",
             "  look at: the verdict details above; runbook: Good vs Bad Signals",
         ]
 

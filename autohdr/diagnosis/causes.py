@@ -507,7 +507,7 @@ def _group_lr_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
         if isinstance(index, int) and index < len(groups):
             named = sorted({*named, *groups[index].get("groups", [])})
     if not zero and not negligible:
-        return []
+        return _group_still_in_optimizer(bad, run)
     claims = ["groups_move_with_gradients", "group_lr_not_negligible",
               *[s for s, g in GROUP_SIGNALS.items() if g in named]]
     if "param_head" in named:
@@ -545,6 +545,25 @@ def _group_lr_zero(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
                                             "share)")
     return _diagnosis(cause_id, cause, bad, claims, "run_start optimizer_groups and train_step lr_groups",
                       "New Diagnostics: parameter deltas")
+
+
+def _group_still_in_optimizer(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Without per-group settings: some groups get gradients and never move while others do, and the
+    optimizer covers every parameter (``optimizer_covers_params`` GOOD): their param group's lr is 0."""
+    verdict = bad.get("groups_move_with_gradients")
+    if verdict is None or "optimizer_covers_params" not in run.good:
+        return []
+    still = sorted(verdict.evidence.get("still_groups", []))
+    with_grad = {g for g, v in verdict.evidence.items() if isinstance(v, dict) and v.get("steps_with_grad")}
+    if not still or set(still) == with_grad:
+        return []  # every group still: update_skipped's
+    frac = ", ".join(f"{g} on {_pct(verdict.evidence.get(g, {}).get('still_with_grad_frac'))} of its steps"
+                     for g in still)
+    claims = ["groups_move_with_gradients", *[s for s, g in GROUP_SIGNALS.items() if g in still]]
+    return _diagnosis("group_lr_zero", f"{', '.join(still)} get(s) gradients but do(es) not move ({frac}) while the "
+                      "other groups move, and every parameter is in the optimizer: that param group's lr is 0 (a "
+                      "per-group lr table), or its update is masked; give it a learning rate", bad, claims,
+                      "grad_norm_<group> vs param_delta_<group> per train_step", "New Diagnostics: parameter deltas")
 
 
 @reads("train_step.lr", "train_step.lr_groups")
@@ -621,7 +640,7 @@ def _loss_weights_off(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]
     return _diagnosis("loss_weights_off_preset", "loss weight(s) far from the preset's: " + "; ".join(off) + "; bring "
                       "them back within 10x of the preset's", bad,
                       ("clipping_sane", "param_head_not_saturated", "eval_residual_matches_train", "train_val_agree",
-                       *RESIDUAL_KNOCK_ON, *NOT_LEARNING, "residual_head_learning"),
+                       "loss_not_regularizer_bound", *RESIDUAL_KNOCK_ON, *NOT_LEARNING, "residual_head_learning"),
                       "run_start config.loss_weights and the loss components per train_step", "Good vs Bad Signals")
 
 
@@ -709,6 +728,95 @@ def _lr_saturates_head(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis
                       "train_step params_at_bound_frac and lr", "Good vs Bad Signals")
 
 
+@reads("train_step.data_time_ms", "train_step.batch_time_ms")
+def _data_bound(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Data loading takes most of each step (``not_data_bound``): the loader is the bottleneck."""
+    verdict = bad.get("not_data_bound")
+    if verdict is None:
+        return []
+    ev = verdict.evidence
+    data, step = ev.get("data_time_ms_median"), ev.get("batch_time_ms_median")
+    timing = (f" ({data:.3g} of {step:.3g} ms per step)" if isinstance(data, float) and isinstance(step, float) else "")
+    return _diagnosis("loader_bound", f"the data loader is the bottleneck: it takes {_pct(ev.get('data_time_frac_median'))}"
+                      f" of each step{timing}: more DataLoader workers, persistent_workers / pin_memory, decode "
+                      "smaller images or cache the decoded pairs", bad, ("not_data_bound",),
+                      "train_step data_time_ms vs batch_time_ms", "Preconditions: the data pipeline")
+
+
+@reads("init.init_pred_max_abs_diff", "init.init_params_max_abs_dev")
+def _init_not_identity(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The untrained model is not the identity warp (``init_is_identity``): its parameter head's
+    initial output, or the warp of identity parameters."""
+    verdict = bad.get("init_is_identity")
+    if verdict is None:
+        return []
+    ev = verdict.evidence
+    params = ev.get("init_params_max_abs_dev")
+    tol = ev.get("float32_tolerance")
+    if isinstance(params, float) and params > 1e-6:
+        cause = (f"the parameter head does not start at the identity lens: its initial predictions are up to "
+                 f"{params:.3g} off [0, 0, 0, 0, 0, 0, 0, 1]: zero-initialize its last layer (and set the scale's "
+                 "bias so it starts at 1)")
+    else:
+        diff = ev.get("init_pred_max_abs_diff")
+        size = f" by {diff:.3g}" if isinstance(diff, float) else ""
+        limit = f" (float32 tolerance {tol:.2g})" if isinstance(tol, float) else ""
+        cause = (f"the untrained model's prediction differs from the identity warp's{size}{limit} although the lens "
+                 "parameters start at identity: the warp adds something at init (a residual flow that is not zero, "
+                 "another grid convention such as align_corners, a resize of the input)")
+    return _diagnosis("init_not_identity", cause, bad, ("init_is_identity",), "the init record (init_*)",
+                      "New Diagnostics: identity at init")
+
+
+@reads("train_step.params_at_bound_frac")
+def _saturated_from_start(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The bounded parameters sit at their bounds from the first step (not reached by large steps,
+    ``_lr_saturates_head``'s): the head's initial output or the bounds themselves."""
+    if "param_head_not_saturated" not in bad:
+        return []
+    at_bound = _numbers(_rows(run.history, "train_step"), "params_at_bound_frac")
+    if not len(at_bound) or float(at_bound.iloc[0]) < SATURATED_FRAC:
+        return []
+    return _diagnosis("head_saturated_at_init", f"the predicted parameters sit at their bounds from step 1 "
+                      f"({_pct(float(at_bound.iloc[0]))} at step 1, median {_pct(float(at_bound.median()))}): the "
+                      "head's initial output (a bias or gain pushing its tanh to the ends) or bounds that exclude "
+                      "the identity lens; check param_bounds and the head's init", bad,
+                      ("param_head_not_saturated", "param_head_learning"), "train_step params_at_bound_frac",
+                      "Good vs Bad Signals")
+
+
+def _ranks_unsynced(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """Ranks hold different parameters (``ranks_in_sync``)."""
+    verdict = bad.get("ranks_in_sync")
+    if verdict is None:
+        return []
+    first = (verdict.evidence.get("diverged") or [{}])[0]
+    where = f" from epoch {first.get('epoch')} ({first.get('field')})" if first else ""
+    return _diagnosis("ranks_unsynced", f"the ranks train different models{where}: per-rank state is not "
+                      "synchronized (batch-norm buffers with broadcast_buffers=False, a parameter updated outside "
+                      "DDP, a rank-dependent seed inside the model)", bad, ("ranks_in_sync", "eval_deterministic"),
+                      "val_epoch rank_param_checksums / rank_probe_checksums", "Helper Scripts: distributed runs")
+
+
+@reads("train_step.residual_to_param_disp_ratio_mean", "train_step.residual_contrib_px_mean")
+def _residual_wrong_units(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The residual moves but is a negligible fraction of the parametric displacement."""
+    verdict = bad.get("residual_contributes")
+    if verdict is None:
+        return []
+    ev = verdict.evidence
+    ratio, floor = ev.get("late_ratio_to_param"), ev.get("min_ratio")
+    moving = ev.get("late_median_px")
+    if not (isinstance(ratio, float) and isinstance(floor, float) and ratio < floor and ratio > 0):
+        return []
+    px = f"{moving:.3g} px, " if isinstance(moving, float) else ""
+    return _diagnosis("residual_wrong_units", f"the residual moves but only by {px}{ratio:.2%} of the parametric "
+                      f"displacement (floor {floor:.1%}): its flow is in the wrong units (normalized coordinates "
+                      "where pixels of the low-resolution grid are expected) or scaled down", bad,
+                      ("residual_contributes", "residual_not_inactive", "residual_helps"),
+                      "train_step residual_to_param_disp_ratio_mean", "Debug Modes: stage 2 residual probe")
+
+
 @reads("val_epoch.val_batch_fingerprint")
 def _val_random(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
     """Validation scores different data each epoch (``val_batches_repeat``)."""
@@ -782,7 +890,9 @@ RULES: tuple[Rule, ...] = (_data_out_of_range, _pairs_mismatched, _batch_repeats
                            _lr_schedule_zero, _group_lr_zero, _update_skipped, _optimizer_hparams, _loss_weights_off,
                            _regularizers_swamp_loss, _loop_validation_train_mode, _resume_wrong_weights, _diverged,
                            _lr_saturates_head, _clip_too_tight, _frozen_group, _optimizer_mismatch,
-                           _val_random, _eval_differs, _train_val_disagree, _residual_hurts, _wrong_lens, _metric_wiring)
+                           _val_random, _eval_differs, _train_val_disagree, _residual_hurts, _wrong_lens, _metric_wiring,
+                           _data_bound, _init_not_identity, _saturated_from_start, _ranks_unsynced,
+                           _residual_wrong_units)
 
 
 def diagnose(verdicts: list[Verdict], history: pd.DataFrame, *, reference_lr: float | None = None) -> list[Diagnosis]:
