@@ -433,3 +433,32 @@ def test_real_lr_zero_run_is_diagnosed_as_lr_zero(lr_zero_run, capsys):
     assert main(["judge", str(lr_zero_run.out_dir)]) == 1
     judged = capsys.readouterr().out
     assert "likely cause\n- the learning rate is 0 (train.lr=0.0)" in judged
+
+
+# ---------------------------------------------------------------------------- scripts/cause_coverage.py
+
+def _coverage_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cause_coverage.py"
+    spec = importlib.util.spec_from_file_location("cause_coverage", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cause_coverage_counts_bad_signals_a_named_cause_explains():
+    cov = _coverage_script()
+    verdicts = [bad("loss_decreases"), bad("scores_move"), bad("clipping_sane"), good("finite")]
+    diagnoses = diagnose(verdicts, history(lr=0.0, config_lr=0.0))
+    row = cov.coverage_of("synthetic", "lr0", [v.to_dict() for v in verdicts], [d.to_dict() for d in diagnoses])
+    assert row.bad == ("loss_decreases", "scores_move", "clipping_sane")
+    assert row.explained == ("loss_decreases", "scores_move") and row.unexplained == ("clipping_sane",)
+    assert row.causes == ("lr_zero",)
+    other = cov.coverage_of("holdout", "clean", [good("finite").to_dict()], [])
+    lines = cov.table([row, other]).splitlines()
+    assert lines[0] == "synthetic lr0: BAD 3, explained 2 (lr_zero); unexplained clipping_sane"
+    assert lines[-1] == "== all: 2 faults, 3 BAD signals, 2 explained by a named cause (67%)"
+    assert "== holdout: 1 faults, 0 BAD signals, 0 explained by a named cause (n/a)" in lines
