@@ -105,7 +105,8 @@ def _attach(cache: Path, names: list[str] | None) -> list[tuple[str, dict]]:
         if names and name not in names:
             continue
         folder = cache / "attach" / name
-        if not (folder / "metrics.jsonl").is_file():
+        metrics = folder / "metrics.jsonl"
+        if not (metrics.is_file() and '"kind": "run_end"' in metrics.read_text()):  # absent, or cut short
             shutil.rmtree(folder, ignore_errors=True)
             run_competition_loop(folder, *loaders, epochs=2, faults=faults)
         out.append((name, _judged_folder(folder)))
