@@ -40,6 +40,7 @@ PROVEN_BY_HOLDOUT: dict[str, str] = {
     "val_batches_repeat": "val_random_flips",
     "lr_not_mostly_zero": "schedule_one_epoch_floor0",
     "weights_continue_across_epochs": "resume_loads_initial_weights",
+    "loss_not_regularizer_bound": "regularizer_weights_x1000",
 }
 
 _RESULTS: dict[str, dict] = {}

@@ -501,7 +501,7 @@ RED: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "group_lr_not_negligible": (group_lr_negligible, "stage2_hybrid",
                                 ("param group 1 lr 1e-06 at step 1", "below 0.01x", "on 100% of steps")),
     "loss_not_regularizer_bound": (regularizers_swamp_loss, "stage2_hybrid",
-                                   ("the regularizers (flow_tv) are 60% of the total loss", "allowed 25%")),
+                                   ("the regularizers (flow_tv) are 60% of the total loss", "allowed 5%")),
     "loop_validation_in_eval_mode": (validate_in_train_mode, "stage3_finetune",
                                      ("ran 8 of 8 forwards in train mode", "4 of 4 validations")),
     "weights_continue_across_epochs": (weights_reloaded, "stage1_param_only",
