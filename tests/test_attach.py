@@ -132,4 +132,4 @@ def test_the_new_loop_signals_are_green_on_the_healthy_loop(healthy):
     for signal in ("group_lr_not_negligible", "loss_not_regularizer_bound", "loop_validation_in_eval_mode",
                    "weights_continue_across_epochs"):
         assert verdicts[signal].ok is True, (signal, verdicts[signal].detail)
-    assert verdicts["loss_not_regularizer_bound"].evidence["regularizer_share_max"] < 0.01  # measured 0.1-0.6 %
+    assert verdicts["loss_not_regularizer_bound"].evidence["regularizer_share_median"] < 0.01  # measured 0.46 %
