@@ -74,7 +74,7 @@ def train(run_dir: Path, settings) -> None:
     run = autohdr.attach(model, optimizer, run_dir, val_loader=val_loader, loss=loss_fn, **settings.attach_options)  # autohdr
     step = 0
     model.train()
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         for batch in train_loader:
             image, target = batch["input_image"].to(device), batch["target_image"].to(device)
             for group in optimizer.param_groups:
@@ -88,5 +88,6 @@ def train(run_dir: Path, settings) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
             optimizer.step()
             step += 1
-        evaluate(model, val_loader, loss_fn, device)
+        if (epoch + 1) % cfg.validation_interval == 0:  # the preset's: every epoch, every 8 in the overfit mode
+            evaluate(model, val_loader, loss_fn, device)
     run.close()                                                                   # autohdr
