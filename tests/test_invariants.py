@@ -92,7 +92,7 @@ def _attached_loop(run_dir: Path) -> None:
 def test_every_rule_declares_what_it_reads():
     named = {rule.__name__ for rule in RULES}
     assert named - set(RULE_READS) <= {"_pairs_mismatched", "_batch_repeats", "_diverged", "_optimizer_mismatch",
-                                       "_residual_hurts", "_ranks_unsynced"}  # these read verdicts only
+                                       "_residual_hurts", "_ranks_unsynced", "_ignores_input"}  # verdicts only
 
 
 def test_every_declared_evidence_key_is_written_by_a_real_run(real_histories):
@@ -135,6 +135,7 @@ CAUSE_CASES = {
     "head_saturated_at_init": ("stage1_param_only", [tv.saturated], {"param_head_not_saturated"}),
     "ranks_unsynced": ("stage2_hybrid", [tv.ranks_diverged], {"ranks_in_sync"}),
     "residual_wrong_units": ("stage3_finetune", [tv.residual_wrong_units], {"residual_contributes"}),
+    "ignores_input": ("stage1_param_only", [tv.one_lens_for_all], {"beats_constant_lens"}),
     # without recorded optimizer groups: one group still while the others move, all parameters optimized
     "group_lr_zero#no-groups": ("stage1_param_only", [tv.group_lr_zero], {"groups_move_with_gradients"}),
     "metric_wiring": ("stage2_hybrid", [tv.norm_before_backward], {"logged_quantities_agree"}),

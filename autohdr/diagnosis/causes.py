@@ -785,6 +785,33 @@ def _saturated_from_start(bad: dict[str, Verdict], run: RunFacts) -> list[Diagno
                       "Good vs Bad Signals")
 
 
+#: With ground truth, a k1 correlation at or below this says the predictions do not follow the images
+#: (healthy overfit runs +0.57 to +0.76 from 8 steps on, see params_track_ground_truth).
+IGNORES_INPUT_MAX_CORR = 0.2
+
+
+def _ignores_input(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
+    """The model beats identity but not its own mean lens, and (with ground truth) its k1 does not
+    follow the images: it learned one lens for every image (``beats_constant_lens``)."""
+    verdict = bad.get("beats_constant_lens")
+    if verdict is None or "beats_identity" in bad:
+        return []
+    ev = verdict.evidence
+    k1 = ev.get("param_corr_k1")
+    if not (isinstance(k1, (int, float)) and math.isfinite(k1) and k1 <= IGNORES_INPUT_MAX_CORR):
+        return []  # no ground truth to tell, or the predictions do follow the images: not this cause
+    delta, margin = ev.get("delta"), ev.get("margin")
+    versus = (f" (model - its mean lens {delta:+.4f}, needs +{margin:g})"
+              if isinstance(delta, float) and isinstance(margin, float) else "")
+    return _diagnosis("ignores_input", f"the model predicts about one lens for every image: it beats identity but "
+                      f"not its own mean lens{versus}, and its k1 correlates only {k1:+.2f} with the ground truth "
+                      f"(healthy >= +0.57): the parameter head does not see per-image features (features averaged "
+                      "over the batch, constant or detached features, a frozen backbone)", bad,
+                      ("beats_constant_lens", "params_track_ground_truth"),
+                      "val_epoch constant_lens_proxy_total vs val_proxy_total; pred_gt_corr_k1",
+                      "Debug Modes: overfit stage 1 must beat its own mean lens")
+
+
 def _ranks_unsynced(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
     """Ranks hold different parameters (``ranks_in_sync``)."""
     verdict = bad.get("ranks_in_sync")
@@ -892,7 +919,7 @@ RULES: tuple[Rule, ...] = (_data_out_of_range, _pairs_mismatched, _batch_repeats
                            _lr_saturates_head, _clip_too_tight, _frozen_group, _optimizer_mismatch,
                            _val_random, _eval_differs, _train_val_disagree, _residual_hurts, _wrong_lens, _metric_wiring,
                            _data_bound, _init_not_identity, _saturated_from_start, _ranks_unsynced,
-                           _residual_wrong_units)
+                           _residual_wrong_units, _ignores_input)
 
 
 def diagnose(verdicts: list[Verdict], history: pd.DataFrame, *, reference_lr: float | None = None) -> list[Diagnosis]:
