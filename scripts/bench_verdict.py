@@ -15,7 +15,13 @@ Per mode, ``--runs`` times each (medians reported):
   conservative);
 * **ratio** = whole / bare.
 
+``--faults`` instead times each structural fault of :data:`STRUCTURAL_FAULTS` (tests/faults.py's
+broken models and loaders at the mode's preset size, fail fast on, figures and report.html written as
+the command writes them) as a fresh process: **to_bad_s**, spawn until the verdict table is printed
+(the BAD verdict), and **whole_s**, spawn to exit; with where the run stopped and the signals it named.
+
     .venv/bin/python scripts/bench_verdict.py                                  # stage2_probe, 3 runs
+    .venv/bin/python scripts/bench_verdict.py --faults --runs 3                # time to BAD, every structural fault
     .venv/bin/python scripts/bench_verdict.py --modes stage2_probe overfit_stage1 --runs 3 --json out.json
     .venv/bin/python scripts/bench_verdict.py --set data.num_pairs=8 --epochs 1 --runs 1   # a quick look
 
@@ -25,6 +31,7 @@ Wall times on a shared machine are noisy: run it on an idle one, and compare med
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -39,6 +46,23 @@ REPO = Path(__file__).resolve().parents[1]
 PARTS: tuple[str, ...] = ("imports", "setup", "init_check", "training", "validation", "checkpoints", "fail_fast",
                           "judging",
                           "report_json", "on_verdict", "plots", "report_html", "exit")
+
+
+#: Structural faults (``tests/faults.py``): name -> (mode, broken model class, broken loader wrapper).
+#: One per kind of structural fault fail fast decides in the first steps.
+STRUCTURAL_FAULTS: dict[str, tuple[str, str | None, str | None]] = {
+    "init-not-identity": ("overfit_stage1", "StuckNonIdentity", None),
+    "param-head-random-init": ("overfit_stage1", "RandomlyInitializedParamHead", None),
+    "parameter-created-after-optimizer": ("overfit_stage1", "LateParameter", None),
+    "optimized-parameter-unused": ("overfit_stage1", "UnusedParameters", None),
+    "backbone-detached": ("overfit_stage1", "DetachedFeatures", None),
+    "residual-detached": ("stage2_probe", "DetachedResidual", None),
+    "residual-requires-grad-off": ("stage2_probe", "FrozenResidualHead", None),
+    "batch-0-255": ("overfit_stage1", None, "Scaled255"),
+    "batch-nan": ("overfit_stage1", None, "NaNInOneBatch"),
+    "pairs-swapped": ("overfit_stage1", None, "SwappedPairs"),
+    "dropout-at-eval": ("stage2_probe", "DropoutAtEval", None),
+}
 
 
 def _env() -> dict[str, str]:
@@ -124,6 +148,74 @@ def _run_bare(mode: str, overrides: list[str], epochs: int | None) -> dict:
     return {"steps": steps, "steps_s": time.perf_counter() - started}
 
 
+def fault_command(name: str) -> dict:
+    """One structural fault's debug run as a fresh process: ``{"to_bad_s", "whole_s", "exit_code",
+    "stopped_early", "error"}`` (``to_bad_s``: spawn until the verdict table was printed)."""
+    with tempfile.TemporaryDirectory(prefix="bench-fault-") as tmp:
+        out = Path(tmp) / "run"
+        command = [sys.executable, str(Path(__file__).resolve()), "--fault-run", name, "--out", str(out)]
+        spawned_unix, spawned = time.time(), time.perf_counter()
+        done = subprocess.run(command, cwd=tmp, env=_env(), capture_output=True, text=True)
+        whole = time.perf_counter() - spawned
+        if done.returncode != 1:  # a structural fault is a BAD verdict: exit 1
+            raise RuntimeError(f"fault {name} exited {done.returncode}: {(done.stdout + done.stderr).strip()[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"name": name, "to_bad_s": result["verdict_unix"] - spawned_unix, "whole_s": whole,
+            "exit_code": done.returncode, "stopped_early": result["stopped_early"], "bad": result["bad"]}
+
+
+def _run_fault(name: str, out: Path) -> int:
+    """Inside the ``--fault-run`` process: the fault's run as ``autohdr debug`` runs it; prints the verdict
+    table (stderr) when judged, then one JSON line (stdout); exits like the command (os._exit, code 1)."""
+    verdict_unix: list[float] = []
+    from autohdr import cli
+    from autohdr.data.settings import default_fixture_root
+    from autohdr.runs.debug import build_loaders, resolve_preset, run_debug_mode, select_rows
+    from tests import faults
+
+    mode, model_name, loader_name = STRUCTURAL_FAULTS[name]
+    model = getattr(faults, model_name)() if model_name else None
+    train_loader = val_loader = None
+    if loader_name:
+        data = resolve_preset(mode).data
+        train_rows, val_rows = select_rows(default_fixture_root(), data)
+        train_loader, val_loader = build_loaders(train_rows, val_rows, data, 0)
+        wrapper = getattr(faults, loader_name)
+        train_loader = wrapper(train_loader)
+        val_loader = wrapper(val_loader) if wrapper.applies_to_val else val_loader
+
+    def on_verdict(report: dict) -> None:
+        with contextlib.redirect_stdout(sys.stderr):
+            cli._print_report(report, summary=False)
+        verdict_unix.append(time.time())
+
+    report = run_debug_mode(mode, model=model, train_loader=train_loader, val_loader=val_loader, out_dir=out,
+                            device="cpu", on_verdict=on_verdict, log=lambda message: print(message, file=sys.stderr))
+    print(json.dumps({"verdict_unix": verdict_unix[0], "stopped_early": report.get("stopped_early"),
+                      "bad": [v["signal"] for v in report["verdicts"] if v["ok"] is False]}), flush=True)
+    sys.stderr.flush()
+    os._exit(cli.EXIT_OK if report["all_good"] else cli.EXIT_BAD_SIGNAL)
+
+
+def summarize_faults(runs: list[dict]) -> list[dict]:
+    """Per fault, medians of ``to_bad_s`` and ``whole_s`` over its runs, where it stopped, what it named."""
+    by_name: dict[str, list[dict]] = {}
+    for run in runs:
+        by_name.setdefault(run["name"], []).append(run)
+    return [{"fault": name, "mode": STRUCTURAL_FAULTS[name][0], "runs": len(items),
+             "to_bad_s": statistics.median(r["to_bad_s"] for r in items),
+             "whole_s": statistics.median(r["whole_s"] for r in items),
+             "stopped_early": items[0]["stopped_early"], "bad": items[0]["bad"]} for name, items in by_name.items()]
+
+
+def format_fault(summary: dict) -> str:
+    stopped = summary["stopped_early"]
+    where = (f"stopped at {stopped['point']} (step {stopped['step']}) on {', '.join(stopped['signals'])}"
+             if stopped else "not stopped early: " + ", ".join(summary["bad"]))
+    return (f"{summary['fault']} ({summary['mode']}): BAD after {summary['to_bad_s']:.2f} s, exit after "
+            f"{summary['whole_s']:.2f} s (median of {summary['runs']}); {where}")
+
+
 def summarize(mode: str, wholes: list[dict], bares: list[dict]) -> dict:
     """Medians over the runs of one mode: whole, each part, bare, and whole / bare."""
     whole = statistics.median(w["whole_s"] for w in wholes)
@@ -149,12 +241,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the summaries here")
+    parser.add_argument("--faults", nargs="*", default=None, metavar="FAULT",
+                        help=f"time to a BAD verdict of these structural faults (none named: all of "
+                             f"{', '.join(STRUCTURAL_FAULTS)}) instead of the modes")
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fault-run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error(f"--runs must be >= 1, got {args.runs}")
     if args.bare:
         print(json.dumps(_run_bare(args.modes[0], args.overrides, args.epochs)))
+        return 0
+    if args.fault_run:
+        return _run_fault(args.fault_run, args.out)
+    if args.faults is not None:
+        names = args.faults or list(STRUCTURAL_FAULTS)
+        unknown = [n for n in names if n not in STRUCTURAL_FAULTS]
+        if unknown:
+            parser.error(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(STRUCTURAL_FAULTS)}")
+        runs = [fault_command(name) for _ in range(args.runs) for name in names]  # interleaved
+        fault_summaries = summarize_faults(runs)
+        for summary in fault_summaries:
+            print(format_fault(summary), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(fault_summaries, indent=2), encoding="utf-8")
         return 0
     summaries = []
     for mode in args.modes:

@@ -216,15 +216,33 @@ def test_autohdr_debug_with_a_nan_loss_at_step_1_prints_the_table_and_exits_1(tm
 
 
 def test_autohdr_debug_with_a_huge_learning_rate_diverges_and_exits_1(tmp_path, capsys):
-    # --no-fail-fast: the early structural check would stop this run at step 3, before it diverges
-    # (it reads the saturated heads as frozen; reported to the lead)
-    code = cli.main(["debug", "stage2_probe", "--out", str(tmp_path / "run"), *TINY_CLI, "--set", "train.lr=1e6",
-                     "--no-fail-fast"])
+    # fail fast on (the default): its step-3 check sees the parameters thrown to their bounds and leaves
+    # the heads' zero gradients to the end instead of calling them frozen; the run diverges at step 4
+    code = cli.main(["debug", "stage2_probe", "--out", str(tmp_path / "run"), *TINY_CLI, "--set", "train.lr=1e6"])
     out, err = capsys.readouterr()
+    assert "fail fast: the run is diverging" in out + err and "stopped early" not in out
     _assert_diverged_output(code, out, err)
     assert "train.lr=1000000.0 too high" in out
     assert "gets no gradient" not in out and "no common cause" not in out  # the blow-up explains every BAD
     _assert_diverged_output(*_judge_cli(tmp_path / "run", capsys))
+
+
+def test_fail_fast_tells_a_diverging_run_from_a_frozen_group():
+    """Parameters thrown to their bounds after step 1, or a loss multiplied since step 1, is a run
+    diverging; parameters at their bounds from step 1 (an offset head) or a falling loss is not."""
+    from autohdr.runs.debug import diverging_evidence
+
+    def steps(at_bound, loss):
+        return pd.DataFrame([{"kind": "run_start"}] + [
+            {"kind": "train_step", "step": i + 1, "params_at_bound_frac": b, "loss": l}
+            for i, (b, l) in enumerate(zip(at_bound, loss))])
+
+    assert "at their bounds by step 2" in diverging_evidence(steps([0.0, 1.0, 1.0], [0.48, 0.45, 0.44]))
+    assert "loss rose from 0.48 at step 1 to 3.1 by step 2" in diverging_evidence(steps([0.0, 0.0, 0.1],
+                                                                                        [0.48, 3.1, 2.5]))
+    assert diverging_evidence(steps([1.0, 1.0, 1.0], [0.48, 0.47, 0.46])) is None  # saturated from the start
+    assert diverging_evidence(steps([0.0, 0.0, 0.0], [0.48, 0.47, 0.46])) is None  # healthy
+    assert diverging_evidence(steps([0.0], [0.48])) is None                          # one step decides nothing
 
 
 def test_what_a_diverged_run_shows_before_it_stopped_is_explained_by_the_divergence():

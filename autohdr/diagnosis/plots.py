@@ -406,7 +406,12 @@ def triplets_figure(model: torch.nn.Module, probe: Mapping[str, Any], *, residua
             ax.axis("off")
     fig.suptitle(safe_text("probe samples, final model: error images of a row share one colour scale "
                            "(brighter = further from the target)"), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    # The layout tight_layout finds for these panels (0.15 in margins, 0.55 in above the top row for the
+    # suptitle and a two-line title), set directly: tight_layout draws the whole figure once more to
+    # measure it, a third of this figure's cost.
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.15 / width, right=1 - 0.15 / width, bottom=0.15 / height, top=0.97 - 0.55 / height,
+                        wspace=0.057, hspace=0.0)
     return fig
 
 

@@ -206,6 +206,48 @@ EARLY_SIGNALS: dict[tuple[str, int], tuple[str, ...]] = {
 }
 
 
+#: Signals that read a group's gradients and updates. A run whose first steps throw the parameters to
+#: their bounds (or blow the loss up) passes no gradient through its saturated heads: that is the
+#: divergence seen from the groups, not a frozen group, so fail fast leaves these to the end of the run.
+GROUP_EARLY_SIGNALS: tuple[str, ...] = ("param_head_learning", "backbone_learning", "residual_head_learning",
+                                        "groups_move_with_gradients")
+#: Evidence of a run diverging in its first steps: the predicted parameters at their bounds on at
+#: least this fraction (the ``lr_saturates_head`` cause's threshold) after a first step below it ...
+DIVERGING_AT_BOUND_FRAC = 0.5
+#: ... or the training loss this many times its first step's (healthy runs fall from step 1; an
+#: ``lr=1e6`` run multiplies it by 6 in one step).
+DIVERGING_LOSS_RATIO = 3.0
+
+
+def diverging_evidence(history: pd.DataFrame) -> str | None:
+    """One line naming how the run's first steps diverge (``None`` when they do not): the parameters
+    thrown to their bounds after step 1, or the loss multiplied since step 1."""
+    if "kind" not in history:
+        return None
+    steps = history[history["kind"] == "train_step"]
+    if "step" in steps:
+        steps = steps.sort_values("step")
+    if len(steps) < 2:
+        return None
+    first, later = steps.iloc[0], steps.iloc[1:]
+    step_of = (lambda i: int(later["step"].loc[i])) if "step" in later else (lambda i: None)
+    if "params_at_bound_frac" in steps:
+        at_bound = pd.to_numeric(steps["params_at_bound_frac"], errors="coerce")
+        start, rest = at_bound.iloc[0], at_bound.iloc[1:]
+        reached = rest[rest >= DIVERGING_AT_BOUND_FRAC]
+        if pd.notna(start) and start < DIVERGING_AT_BOUND_FRAC and len(reached):
+            return (f"{float(reached.iloc[0]):.0%} of the predicted parameters at their bounds by step "
+                    f"{step_of(reached.index[0])} ({float(start):.0%} at step {int(first.get('step', 1))})")
+    if "loss" in steps:
+        loss = pd.to_numeric(steps["loss"], errors="coerce")
+        start, rest = loss.iloc[0], loss.iloc[1:]
+        jumped = rest[rest > DIVERGING_LOSS_RATIO * start] if pd.notna(start) and start > 0 else rest.iloc[0:0]
+        if len(jumped):
+            return (f"the loss rose from {float(start):.4g} at step 1 to {float(jumped.iloc[0]):.4g} by step "
+                    f"{step_of(jumped.index[0])}")
+    return None
+
+
 class StructuralFaultError(RuntimeError):
     """A signal decided by the first steps is BAD: the run stops there (``--no-fail-fast`` trains on)."""
 
@@ -229,6 +271,7 @@ class FailFast:
         self.out_dir, self.judge_config, self._trainer = out_dir, judge_config, trainer_ref
         self._validated = False
         self.checked: list[dict[str, Any]] = []  # each check: point, step, seconds it took
+        self.deferred: list[dict[str, Any]] = []  # checks whose group signals a diverging run left to the end
 
     def __call__(self, point: str, step: int) -> None:
         if point == "validation":
@@ -243,6 +286,17 @@ class FailFast:
             return
         started = time.perf_counter()
         history = read_metrics(self.out_dir)
+        if any(n in GROUP_EARLY_SIGNALS for n in names):
+            evidence = diverging_evidence(numeric_history(history))
+            if evidence is not None:
+                # Saturated heads pass no gradient: the group signals would blame a frozen group for what
+                # is a too-high learning rate. Train on: a blow-up stops the run at its first non-finite
+                # step (named diverged, lr too high); a run that stays finite is judged at its end.
+                names = [n for n in names if n not in GROUP_EARLY_SIGNALS]
+                self.deferred.append({"point": point, "step": step, "signals": list(GROUP_EARLY_SIGNALS),
+                                      "evidence": evidence})
+                self._info(f"fail fast: the run is diverging ({evidence}): too high a learning rate, not a "
+                           f"frozen group; the group signals are judged at the end of the run")
         coverage = self._trainer().optimizer_coverage() if "optimizer_covers_params" in names else None
         if coverage is not None:
             history = pd.concat([history, pd.DataFrame([{"kind": "run_end", "optimizer_coverage": coverage}])],
@@ -251,6 +305,11 @@ class FailFast:
         self.checked.append({"point": point, "step": step, "seconds": time.perf_counter() - started})
         if bad:
             raise StructuralFaultError(bad, point, step)
+
+    def _info(self, message: str) -> None:
+        trainer = self._trainer()
+        if trainer is not None and hasattr(trainer, "info"):
+            trainer.info(message)
 
     def _verdict(self, history: pd.DataFrame, name: str) -> Verdict:
         """The signal's own verdict function (as :func:`judge` calls it); a failure is not a BAD."""
