@@ -194,6 +194,8 @@ class TestConfiguration:
          "overrides for stage2_probe: unknown config key 'train.lrr'"),
         ('model_factory = "m:f"\noverrides = { stage2_probe = { "train.epochs" = "many" } }', "train.epochs"),
         ('modes = ["stage2_probe"]', "model_factory is required"),
+        ('model_factory = "mylens.nomodel:build"', "model_factory: cannot import module 'mylens.nomodel' from *"),
+        ('model_factory = "mylens.model:build"\ntrain = "mylens.loop:fit"', "train: module 'mylens.loop' has no callable 'fit'"),
     ])
     def test_bad_config_is_refused_naming_the_key(self, pytester, line, fragment):
         user_repo(pytester, None, table="[tool.autohdr]\n" + line)

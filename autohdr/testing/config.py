@@ -202,7 +202,8 @@ def with_options(config: PluginConfig, options: Mapping[str, Any], *, cwd: Path)
 
 
 def check(config: PluginConfig) -> None:
-    """Refuse what only shows once everything is known: no model, a missing data root, a bad override."""
+    """Refuse what only shows once everything is known: no model, a missing data root, a bad override,
+    a ``model_factory`` or ``train`` that cannot be imported."""
     from autohdr.runs.debug import resolve_preset
 
     if not config.model_factory:
@@ -214,3 +215,11 @@ def check(config: PluginConfig) -> None:
             resolve_preset(mode, config.mode_overrides(mode), environ={})
         except ValueError as exc:
             raise ConfigError(f"{config.source}: overrides for {mode}: {exc}") from None
+    from autohdr.testing.runs import resolve_callable
+
+    for key in ("model_factory", "train"):  # imported now, so a typo stops pytest at start-up, not in every test
+        if getattr(config, key):
+            try:
+                resolve_callable(getattr(config, key), key, config.base_dir)
+            except ValueError as exc:
+                raise ConfigError(f"{config.source}: {exc}") from None

@@ -126,10 +126,10 @@ def resolve_callable(spec: str, key: str, base_dir: Path) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"[tool.autohdr] {key}: cannot import module {module_name!r} ({exc})") from None
+        raise ValueError(f"{key}: cannot import module {module_name!r} from {base_dir} ({exc})") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise ValueError(f"[tool.autohdr] {key}: module {module_name!r} has no callable {func_name!r}")
+        raise ValueError(f"{key}: module {module_name!r} has no callable {func_name!r}")
     return func
 
 
