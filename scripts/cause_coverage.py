@@ -91,7 +91,7 @@ def _judged_folder(run_dir: Path) -> dict:
             "diagnoses": [d.to_dict() for d in diagnose(verdicts, history, reference_lr=reference)]}
 
 
-def _attach(cache: Path, names: list[str] | None) -> list[tuple[str, dict]]:
+def _attach(cache: Path, names: list[str] | None, train: bool = True) -> list[tuple[str, dict]]:
     import dataclasses
     from autohdr.data.settings import default_fixture_root
     from autohdr.runs.debug import build_loaders, select_rows
@@ -107,13 +107,15 @@ def _attach(cache: Path, names: list[str] | None) -> list[tuple[str, dict]]:
         folder = cache / "attach" / name
         metrics = folder / "metrics.jsonl"
         if not (metrics.is_file() and '"kind": "run_end"' in metrics.read_text()):  # absent, or cut short
+            if not train:
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             run_competition_loop(folder, *loaders, epochs=2, faults=faults)
         out.append((name, _judged_folder(folder)))
     return out
 
 
-def _holdout(cache: Path, names: list[str] | None, rejudge: bool) -> list[tuple[str, dict]]:
+def _holdout(cache: Path, names: list[str] | None, rejudge: bool, train: bool = True) -> list[tuple[str, dict]]:
     from tests.holdout_faults import HOLDOUT
     out = []
     for fault in HOLDOUT:
@@ -122,6 +124,8 @@ def _holdout(cache: Path, names: list[str] | None, rejudge: bool) -> list[tuple[
         stored = cache / "holdout" / f"{fault.name}.json"
         folder = cache / "holdout" / fault.name
         if not stored.is_file():
+            if not train:
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             result = fault.run(folder)
             stored.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +136,7 @@ def _holdout(cache: Path, names: list[str] | None, rejudge: bool) -> list[tuple[
     return out
 
 
-def _diagnostics(cache: Path, names: list[str] | None, rejudge: bool) -> list[tuple[str, dict]]:
+def _diagnostics(cache: Path, names: list[str] | None, rejudge: bool, train: bool = True) -> list[tuple[str, dict]]:
     from tests.plugins.debug_runs import _train
     from tests.test_diagnostics import FAULTS
     out = []
@@ -143,6 +147,8 @@ def _diagnostics(cache: Path, names: list[str] | None, rejudge: bool) -> list[tu
         folder = cache / "diagnostics" / spec.name
         stored = folder / "report.json"
         if not stored.is_file():
+            if not train:
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             _train(spec, folder)
         report = _judged_folder(folder) if rejudge else json.loads(stored.read_text())
@@ -174,17 +180,20 @@ def _total(label: str, rows: list[Coverage]) -> str:
     return f"== {label}: {len(rows)} faults, {bad} BAD signals, {explained} explained by a named cause ({share})"
 
 
-def collect(sources: list[str], cache: Path, names: list[str] | None = None, rejudge: bool = False) -> list[Coverage]:
+def collect(sources: list[str], cache: Path, names: list[str] | None = None, rejudge: bool = False,
+            train: bool = True) -> list[Coverage]:
+    """Every fault run of ``sources`` (trained into ``cache`` unless there; ``train=False``: only those
+    already there) as :class:`Coverage` rows."""
     rows: list[Coverage] = []
     for source in sources:
         if source == "synthetic":
             found = _synthetic()
         elif source == "attach":
-            found = _attach(cache, names)
+            found = _attach(cache, names, train)
         elif source == "holdout":
-            found = _holdout(cache, names, rejudge)
+            found = _holdout(cache, names, rejudge, train)
         else:
-            found = _diagnostics(cache, names, rejudge)
+            found = _diagnostics(cache, names, rejudge, train)
         rows += [coverage_of(source, name, r["verdicts"], r["diagnoses"]) for name, r in found]
     return rows
 
@@ -196,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", nargs="+", default=None, help="only these fault names")
     parser.add_argument("--rejudge", action="store_true", help="judge the kept hold-out and debug-run folders again "
                                                                "with the current signals and rules")
+    parser.add_argument("--no-train", action="store_true", help="only the runs already in the cache")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON lines here")
     args = parser.parse_args(argv)
-    rows = collect(args.sources, args.cache, args.faults, args.rejudge)
+    rows = collect(args.sources, args.cache, args.faults, args.rejudge, train=not args.no_train)
     if args.json:
         args.json.write_text("".join(json.dumps({**r.__dict__, "unexplained": r.unexplained}) + "\n" for r in rows))
     print(table(rows))
