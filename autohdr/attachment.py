@@ -28,6 +28,7 @@ more at :meth:`Attachment.close` (the final one, with the constant lens).
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -38,7 +39,7 @@ from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, Loss
 from autohdr.diagnosis.instrumentation import GroupMembers
 from autohdr.diagnosis.run_intent import check_intent
 from autohdr.lens.evaluation import Correction
-from autohdr.lens.geometry import apply_correction
+from autohdr.lens.geometry import WarpResult, brown_conrady_grid, fuse_grid, warp
 
 
 class LossWatch:
@@ -119,7 +120,7 @@ class Attachment:
         self._at_step: torch.Tensor | None = None
         self.skipped_steps = 0
         self.closed = False
-        self._owner = {id(p): name for name, ps in self.hooks._measured.items() for p in ps}
+        self._owner = {id(p): name for name, ps in self.hooks.measured_groups.items() for p in ps}
         self._register(loss)
         self._guarded(lambda: self.hooks.on_train_start(val_loader))
         self.hooks.on_train_epoch_start(0)
@@ -177,11 +178,19 @@ class Attachment:
         if param.grad is not None and not self._internal:
             self._grad_sq[id(param)] = param.grad.detach().float().square().sum()
 
+    def _scale(self) -> torch.Tensor | float:
+        """The GradScaler's scale, without the host read ``get_scale()`` makes (a power of two: dividing
+        by it as a tensor or as a float gives the same bits)."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return 1.0
+        scale = getattr(self.scaler, "_scale", None)
+        return scale if isinstance(scale, torch.Tensor) else float(self.scaler.get_scale())
+
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if not self._step_open:
             return
-        scale = float(self.scaler.get_scale()) if self.scaler is not None and self.scaler.is_enabled() else 1.0
-        by_group: dict[str, list[torch.Tensor]] = {name: [] for name in self.hooks._measured}
+        scale = self._scale()
+        by_group: dict[str, list[torch.Tensor]] = {name: [] for name in self.hooks.measured_groups}
         for pid, value in self._grad_sq.items():
             name = self._owner.get(pid)
             if name is not None:
@@ -220,7 +229,9 @@ class Attachment:
             params = outputs["params"].detach().float()
             flow = outputs.get("residual_flow_lowres") if self.hooks.spec.residual_active else None
             flow = flow.detach().float() if isinstance(flow, torch.Tensor) else None
-            return Correction(params, flow, apply_correction(image, params, flow), image)
+            # the grids only, as apply_correction builds them: nothing per step reads the warped image
+            param_grid = brown_conrady_grid(params.to(image.dtype), image.shape[-2], image.shape[-1])
+            return _GridsOnly(params, flow, WarpResult(None, param_grid, fuse_grid(param_grid, flow)), image)
 
     # ------------------------------------------------------------------ validation
     def _end_of_loop_validation(self) -> None:
@@ -266,6 +277,15 @@ class Attachment:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(interrupted=exc_type is KeyboardInterrupt)
+
+
+class _GridsOnly(Correction):
+    """A step's :class:`Correction` whose warped image is made only if something asks for it."""
+
+    @cached_property
+    def prediction(self) -> torch.Tensor:
+        with torch.no_grad():
+            return warp(self.image, self.warp.final_grid)
 
 
 class _ListenerHandle:

@@ -25,16 +25,16 @@ Where each figure is taken (one host read per step, after the optimizer)::
 
     [data] -> forward -> backward -> [grad norms] -> clip -> optimizer -> [param deltas, geometry]
 
-The hooks own the run's step and epoch counters and the metrics file; the loop owns the model,
-the optimizer, the schedule and the checkpoints.
+Each concern is one small observer (:mod:`autohdr.diagnosis.observers`: throughput, gradient norms,
+parameter deltas, batch sanity, the optimizer, residual activity, geometry, the probe, validation,
+rank sync); this class owns the run's step and epoch counters and the metrics file, and calls its
+observers at each hook. The loop owns the model, the optimizer, the schedule and the checkpoints.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -42,30 +42,40 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from autohdr.data.dataset import check_batch_range
-from autohdr.diagnosis.checksum import tensor_checksum
-from autohdr.diagnosis.instrumentation import (
-    GROUP_NAMES, GroupMembers, ParamDeltaTracker, ResidualInactivityMonitor, StepTimer, cuda_memory_mb,
-    grad_norms, group_summary, params_at_bound_fraction, parameter_groups, unwrap_model,
-)
+from autohdr.diagnosis.instrumentation import GROUP_NAMES, GroupMembers, group_summary, parameter_groups, unwrap_model
 from autohdr.diagnosis.metrics_log import MetricsWriter
+from autohdr.diagnosis.observers.base import LossFn, Observer, StepInfo, default_loss_fn, overrides, read_once
+from autohdr.diagnosis.observers.batch_sanity import (  # noqa: F401  (re-exported)
+    RANGE_TOLERANCE, BatchSanityObserver, batch_identity, batch_range_tensors,
+)
+from autohdr.diagnosis.observers.geometry import GeometryObserver, geometry_figures
+from autohdr.diagnosis.observers.grad_norms import CLIP_DETECT_RTOL, GradNormObserver  # noqa: F401
+from autohdr.diagnosis.observers.loss import LossObserver
+from autohdr.diagnosis.observers.optimizer import OptimizerCoverage, OptimizerObserver, optimizer_groups  # noqa: F401
+from autohdr.diagnosis.observers.param_deltas import ParamDeltaObserver
+from autohdr.diagnosis.observers.probe import IDENTITY_PARAMS, ProbeObserver  # noqa: F401
+from autohdr.diagnosis.observers.rank_sync import RankSyncObserver, parameter_checksum
+from autohdr.diagnosis.observers.residual import ResidualActivityObserver
+from autohdr.diagnosis.observers.timing import PerfTotals, ThroughputObserver  # noqa: F401
+from autohdr.diagnosis.observers.validation import ValidationObserver, validation_fingerprint  # noqa: F401
+from autohdr.diagnosis.ranks import SINGLE, DistContext
 from autohdr.diagnosis.run_intent import refuse_existing_run
-from autohdr.lens.evaluation import Correction, correct, score_subset
-from autohdr.lens.geometry import WarpResult, apply_correction, grid_statistics, identity_params
-from autohdr.lens.losses import LossWeights, composite_loss
+from autohdr.lens.evaluation import Correction
 from autohdr.lens.model import check_param_bounds, resolve_param_bounds
-from autohdr.lens.proxy import proxy_score_batch
-from autohdr.lens.stages import StageSpec, stage_spec
-from autohdr.diagnosis.ranks import SINGLE, DistContext, gather_objects
+from autohdr.lens.stages import stage_spec
 
-#: ``loss_fn(correction, target) -> (total (0-d), {component: 0-d tensor})``
-LossFn = Callable[[Correction, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+__all__ = ["Instrumentation", "InstrumentationConfig", "LossFn", "NonFiniteLossError", "default_loss_fn",
+           "STATE_VERSION"]
 
-#: a step whose gradient norm at the optimizer is this much (relative) below the norm after
-#: backward was clipped by the loop (float32 summation order differs by far less)
-CLIP_DETECT_RTOL = 1e-3
+#: The shape of :meth:`Instrumentation.state_dict`: 2 = per-observer states under ``observers``.
+#: A dict without ``version`` is the flat shape of earlier releases (and of their Trainer
+#: checkpoints), still read; a newer version is refused by name.
+STATE_VERSION = 2
 
-IDENTITY_PARAMS: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+#: Which observers' step figures are read, in the order they appear in a ``train_step`` record ...
+TENSOR_ORDER = ("loss", "grad_norms", "batch_sanity", "param_deltas", "geometry")
+#: ... and which add plain fields after the read, in order (the throughput's come last).
+FIELD_ORDER = ("grad_norms", "loss", "optimizer", "residual_activity", "batch_sanity", "validation")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,18 +103,6 @@ class InstrumentationConfig:
                    probe_max_samples=cfg.debug_probe_max_samples, checksum_decimals=cfg.debug_checksum_decimals)
 
 
-def default_loss_fn(spec: StageSpec, weights: LossWeights | None = None) -> LossFn:
-    """autohdr's composite loss for ``spec``'s stage (the trainer's loss, with default weights)."""
-    weights = weights or LossWeights()
-
-    def loss_fn(correction: Correction, target: torch.Tensor):
-        return composite_loss(correction.loss_prediction.float(), target.float(), weights=weights,
-                              residual_flow_lowres=correction.residual_flow_lowres,
-                              final_grid=correction.warp.final_grid if spec.jacobian_term else None,
-                              residual_terms=spec.residual_terms, jacobian_term=spec.jacobian_term)
-    return loss_fn
-
-
 class Instrumentation:
     """Stateful hooks that write the runbook's metrics for any training loop.
 
@@ -128,6 +126,9 @@ class Instrumentation:
         dist: the torchrun context; only rank 0 writes.
         log: one-line messages (default: stderr).
         non_finite_hint: what the error says to do when a loss or output stops being finite.
+
+    ``observers`` holds the observers by name, in the order they are called (see
+    :mod:`autohdr.diagnosis.observers`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, out_dir: str | Path, *,
@@ -175,27 +176,72 @@ class Instrumentation:
         self.metrics = MetricsWriter(Path(out_dir) / "metrics.jsonl", enabled=dist.is_main)
         self.epoch = 0
         self.global_step = 0
-        self.best_score = -math.inf
-        self.best_epoch = -1
-        self._timer = StepTimer(self.device, enabled=self.config.perf or self.config.instrument)
-        self._tracker: ParamDeltaTracker | None = None
-        self._monitor = (ResidualInactivityMonitor(self.config.residual_inactive_threshold_px,
-                                                   self.config.residual_inactive_patience)
-                         if self.config.instrument and self.spec.residual_active else None)
-        self._grad_tensors: dict[str, torch.Tensor] = {}
-        self._probe: dict | None = None
-        self._baselines: dict[str, float] | None = None
-        self.perf = PerfTotals(self.config.perf_warmup_steps)
-        self._step_wall_start: float | None = None
         self._epoch_started = False
-        self._epoch_jump_due = False           # the next batch start measures the weights' change since the last step
-        self._epoch_jump: torch.Tensor | None = None
-        self._epoch_ids: set[str] = set()
-        self._epoch_losses: list[float] = []
         self._batch: Mapping | None = None
-        self._batch_tensors: dict[str, torch.Tensor] = {}
-        self._coverage = OptimizerCoverage(optimizer, skip=() if self.spec.residual_active
-                                           else tuple(self.groups.get("residual_head", ())))
+        self._build_observers()
+
+    def _build_observers(self) -> None:
+        cfg, spec, instrument = self.config, self.spec, self.config.instrument
+        self.timing = ThroughputObserver(self.device, perf=cfg.perf, timed=cfg.perf or instrument,
+                                         warmup_steps=cfg.perf_warmup_steps, world_size=self.dist.world_size)
+        self.probe = ProbeObserver(self.core, spec, self.device, loss_fn=self.loss_fn,
+                                   max_samples=cfg.probe_max_samples, checksum_decimals=cfg.checksum_decimals,
+                                   param_bounds=self.param_bounds)
+        self.validation = ValidationObserver(self.core, spec, self.device, loss_fn=self.loss_fn,
+                                             ground_truth=self.ground_truth, detailed=instrument,
+                                             on_non_finite=self._fail_non_finite_outputs)
+        self.rank_sync = RankSyncObserver(self.dist, self.parameter_checksum)
+        self.optimizer_observer = OptimizerObserver(
+            self.optimizer, self.core, coverage=instrument,
+            skip=() if spec.residual_active else tuple(self.groups.get("residual_head", ())))
+        self.batch_sanity = BatchSanityObserver() if instrument else None
+        per_step: list[Observer | None] = [
+            LossObserver(),
+            GradNormObserver(self._measured, per_group=instrument),
+            self.optimizer_observer,
+            ResidualActivityObserver(spec.residual_active, threshold_px=cfg.residual_inactive_threshold_px,
+                                     patience=cfg.residual_inactive_patience, write=self.write, info=self.info)
+            if instrument else None,
+            self.batch_sanity,
+            ParamDeltaObserver(self._measured) if instrument else None,
+            GeometryObserver(self.param_bounds) if instrument else None,
+            self.validation,
+        ]
+        steps = [o for o in per_step if o is not None]
+        #: every observer by name
+        self.observers: dict[str, Observer] = {o.name: o for o in steps + [self.probe, self.rank_sync, self.timing]}
+        self._at = {hook: [o for o in steps if overrides(o, hook)]
+                    for hook in ("on_train_start", "on_train_epoch_start", "on_train_batch_start", "on_after_backward")}
+        # The records' key order: the step's figures are read in TENSOR_ORDER, its plain fields added in FIELD_ORDER.
+        self._at["step_tensors"] = [self.observers[n] for n in TENSOR_ORDER if n in self.observers]
+        self._at["step_fields"] = [self.observers[n] for n in FIELD_ORDER if n in self.observers]
+
+    # ------------------------------------------------------------------ state the observers keep
+    @property
+    def best_score(self) -> float:
+        return self.validation.best_score
+
+    @best_score.setter
+    def best_score(self, value: float) -> None:
+        self.validation.best_score = value
+
+    @property
+    def best_epoch(self) -> int:
+        return self.validation.best_epoch
+
+    @best_epoch.setter
+    def best_epoch(self, value: int) -> None:
+        self.validation.best_epoch = value
+
+    @property
+    def measured_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The groups whose gradient norms and deltas are measured (named, or a parameter-free head)."""
+        return self._measured
+
+    @property
+    def perf(self) -> PerfTotals:
+        """The run's throughput totals (what ``epoch_end`` / ``run_end`` summarize)."""
+        return self.timing.totals
 
     # ------------------------------------------------------------------ messages
     def info(self, message: str) -> None:
@@ -229,26 +275,27 @@ class Instrumentation:
                   "parameter_groups": {n: {**summary, "measured": n in self._measured}
                                        for n, summary in group_summary(self.groups).items()},
                   "notices": list(self.notices),
-                  "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad) for n, ps in self.groups.items()},
+                  "trainable_params": {n: sum(p.numel() for p in ps if p.requires_grad)
+                                       for n, ps in self.groups.items()},
                   "optimizer_groups": optimizer_groups(self.optimizer, self.groups)}
         record.update(self.run_info)
         record.update(info or {})
         self.write(record)
         for notice in self.notices:
             self.info("notice: " + notice)
-        if resume_step is None and check_init and self._probe is not None:
+        if resume_step is None and check_init and self.probe.batch is not None:
             init = self.init_check()
             init.update({"kind": "init", "from_checkpoint": bool((info or {}).get("init_from"))})
             self.write(init)
-        self._tracker = None  # deltas start from the weights as they are now (after any loading)
+        for observer in self._at["on_train_start"]:
+            observer.on_train_start()
 
     def on_train_end(self, *, interrupted: bool = False, **fields: Any) -> dict:
         """Write ``run_end`` (throughput summary, best score) and close the file; returns the summary."""
-        summary = self.perf.summary()
-        coverage = self._coverage.report(self.core) if self.config.instrument else None
+        summary = self.timing.summary()
         self.write({"kind": "run_end", "epoch": self.epoch, "step": self.global_step,
                     "best_val_proxy_total": self.best_score, "best_epoch": self.best_epoch,
-                    "interrupted": interrupted, "optimizer_coverage": coverage, **fields, **summary})
+                    "interrupted": interrupted, "optimizer_coverage": self.optimizer_coverage(), **fields, **summary})
         self.metrics.close()
         return summary
 
@@ -258,16 +305,13 @@ class Instrumentation:
         if epoch is None:
             epoch = self.epoch + 1 if self._epoch_started else 0
         self.epoch, self._epoch_started = epoch, True
-        if epoch != getattr(self, "_resumed_epoch", None):
-            self._epoch_ids, self._epoch_losses = set(), []  # this epoch's training samples and losses
-        self._resumed_epoch = None
-        self._epoch_jump_due = True
-        self._timer.start()
-        self._step_wall_start = _now()
+        for observer in self._at["on_train_epoch_start"]:
+            observer.on_train_epoch_start(epoch)
+        self.timing.restart()
 
     def on_train_epoch_end(self) -> None:
         """Write ``epoch_end`` with the throughput so far (the epoch stays current until the next starts)."""
-        self.write({"kind": "epoch_end", "epoch": self.epoch, "step": self.global_step, **self.perf.summary()})
+        self.write({"kind": "epoch_end", "epoch": self.epoch, "step": self.global_step, **self.timing.summary()})
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Mapping | None = None) -> None:
@@ -276,39 +320,29 @@ class Instrumentation:
         With ``batch`` (``input_image`` / ``target_image`` ``(B, 3, H, W)``, optionally ``image_id``)
         its value range, non-finite count and fingerprint are recorded (the batch sanity signals).
         """
-        if self._step_wall_start is None:  # no epoch start (a loop that steps by hand)
+        if not self.timing.started:  # no epoch start (a loop that steps by hand)
             self.on_train_epoch_start()
-        self._timer.mark("data")
-        if self.config.instrument and self._tracker is None:
-            self._tracker = ParamDeltaTracker(self._measured)
-        elif self.config.instrument and self._epoch_jump_due:
-            # the weights' change between the last step of the previous epoch and this epoch's first
-            # (0 unless something between epochs loads or edits them): weights_continue_across_epochs
-            jumps = list(self._tracker.measure().values())
-            self._epoch_jump = torch.stack(jumps).square().sum().sqrt() if jumps else None
-        self._epoch_jump_due = False
+        self.timing.mark("data")
         self._batch = batch if self.config.instrument else None
-        if self._batch is not None:
-            self._batch_tensors = batch_range_tensors(batch)
-            self._timer.mark("instrumentation")
+        for observer in self._at["on_train_batch_start"]:
+            observer.on_train_batch_start(self._batch)
+        if self.config.instrument:
+            self.timing.mark("instrumentation")
 
     def on_after_forward(self) -> None:
         """Optional: splits forward from backward time (otherwise both count as backward)."""
-        self._timer.mark("forward")
+        self.timing.mark("forward")
 
     def on_after_backward(self, group_grad_norms: Mapping[str, torch.Tensor] | None = None) -> None:
         """Gradient norms per group, read here: after backward (and DDP's all-reduce), before clipping.
 
         ``group_grad_norms``: the norms measured elsewhere (``autohdr.attach`` takes them as each
         gradient is accumulated, before the loop clips), instead of reading the gradients now."""
-        self._timer.mark("backward")
-        self._grad_tensors = {}
+        self.timing.mark("backward")
+        for observer in self._at["on_after_backward"]:
+            observer.on_after_backward(group_grad_norms)
         if self.config.instrument:
-            measured = group_grad_norms if group_grad_norms is not None else grad_norms(self._measured)
-            for name, value in measured.items():
-                self._grad_tensors[f"grad_norm_{name}"] = value.detach().float()
-            self._coverage.observe(self.core)
-            self._timer.mark("instrumentation")
+            self.timing.mark("instrumentation")
 
     def on_train_batch_end(self, loss: torch.Tensor, correction: Correction | None = None, *,
                            components: Mapping[str, torch.Tensor] | None = None, batch_size: int | None = None,
@@ -330,112 +364,32 @@ class Instrumentation:
 
         Returns the record (plain floats), as written.
         """
-        self._timer.mark("optim_step")
-        tensors: dict[str, torch.Tensor] = {"loss": loss.detach()}
-        tensors.update({k: v for k, v in (components or {}).items()})
-        tensors.update(self._grad_tensors)
-        if grad_norm_total is None and self._grad_tensors:
-            grad_norm_total = torch.stack(list(self._grad_tensors.values())).square().sum().sqrt()
-        if grad_norm_total is not None:
-            tensors["grad_norm_total"] = grad_norm_total.detach()
-        if grad_norm_at_step is not None:
-            tensors["optimizer_grad_norm"] = grad_norm_at_step.detach()
-        tensors.update(self._batch_tensors)
-        if self._epoch_jump is not None:
-            tensors["weights_jump_before_epoch"], self._epoch_jump = self._epoch_jump, None
-        if self.config.instrument:
-            tracker = self._tracker or ParamDeltaTracker(self._measured)
-            self._tracker = tracker
-            for name, value in tracker.measure().items():
-                tensors[f"param_delta_{name}"] = value
-            if correction is not None:
-                tensors.update(self._geometry(correction))
-        names = list(tensors)
-        values = torch.stack([tensors[n].detach().to(self.device, torch.float64).reshape(())
-                              for n in names]).cpu().tolist() if names else []
+        self.timing.mark("optim_step")
+        step = StepInfo(loss, correction, components or {}, self._batch, grad_norm_total=grad_norm_total,
+                        clip_norm=clip_norm, grad_norm_at_step=grad_norm_at_step, epoch=self.epoch)
+        tensors: dict[str, torch.Tensor] = {}
+        for observer in self._at["step_tensors"]:
+            tensors.update(observer.step_tensors(step))
+        step.host = read_once(tensors, self.device)  # the step's one host read
         if batch_size is None:
             batch_size = int(correction.params.shape[0]) if correction is not None else 0
         if lr is None and self.optimizer is not None:
             lr = self.optimizer.param_groups[0]["lr"]
         self.global_step += 1
+        step.step = self.global_step
         record = {"kind": "train_step", "epoch": self.epoch, "step": self.global_step, "lr": lr,
                   "batch_size": int(batch_size), "batch_size_global": int(batch_size) * self.dist.world_size,
                   "residual_branch_active": self.spec.residual_active}
-        record.update(zip(names, values))
-        if "grad_norm_total" in record:
-            record["grad_clipped"] = bool(clip_norm is not None and record["grad_norm_total"] > clip_norm)
-            if clip_norm is not None:
-                record["clip_norm"] = float(clip_norm)
-            if clip_norm is None and "optimizer_grad_norm" in record:
-                clipped = record["optimizer_grad_norm"] < record["grad_norm_total"] * (1.0 - CLIP_DETECT_RTOL)
-                record["grad_clipped"] = bool(clipped)
-                record["clip_norm"] = record["optimizer_grad_norm"] if clipped else None
-        if components:
-            record["loss_parts"] = sorted(components)  # which fields are the loss's parts (loss_not_regularizer_bound)
-        if self.optimizer is not None and "lr_groups" not in record:
-            record["lr_groups"] = [float(group["lr"]) for group in self.optimizer.param_groups]
-        self._epoch_losses.append(record["loss"])
-        if self._batch is not None:
-            self._epoch_ids.update(str(i) for i in self._batch.get("image_id", []))
+        record.update((name, value) for name, value in step.host.items() if not name.startswith("_"))
+        for observer in self._at["step_fields"]:
+            observer.step_fields(record, step)
         if self.config.instrument:
-            self._residual_flags(record)
-            if self._batch is not None:
-                record.update(batch_identity(self._batch, record))
-            self._timer.mark("instrumentation")
-        self._batch, self._batch_tensors = None, {}
-        wall_ms = (_now() - (self._step_wall_start or _now())) * 1000.0
-        phases = self._timer.phases
-        if self.config.perf:
-            record.update(self._perf_fields(phases, wall_ms, int(batch_size)))
-        self.perf.add(record["batch_size_global"], wall_ms, phases)
+            self.timing.mark("instrumentation")
+        self._batch = None
+        self.timing.step_fields(record, step)
         self.write(record)
-        self._timer.start()
-        self._step_wall_start = _now()
+        self.timing.restart()
         return record
-
-    def _geometry(self, correction: Correction) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            warp = correction.warp
-            fused = warp.final_grid is not warp.param_grid  # fuse_grid returns the parametric grid alone
-            stats = grid_statistics(warp.param_grid.detach().float(),
-                                    warp.final_grid.detach().float() if fused else None)
-            stats["params_at_bound_frac"] = params_at_bound_fraction(correction.params.detach().float(),
-                                                                     self.param_bounds)
-            if correction.residual_flow_lowres is not None:
-                stats["residual_flow_abs_mean_px"] = correction.residual_flow_lowres.detach().abs().mean()
-        return stats
-
-    def _residual_flags(self, record: dict) -> None:
-        """Zero-gradient / zero-delta flags and the inactivity warning, aware of the stage."""
-        if not self.spec.residual_active or "grad_norm_residual_head" not in record:
-            # The stage switches the branch off (or no residual group was named): not a failure.
-            record["residual_head_grad_is_zero"] = None
-            record["residual_head_param_delta_is_zero"] = None
-        else:
-            record["residual_head_grad_is_zero"] = record["grad_norm_residual_head"] == 0.0
-            record["residual_head_param_delta_is_zero"] = record["param_delta_residual_head"] == 0.0
-        monitor = self._monitor
-        if monitor is not None and "residual_contrib_px_mean" in record and monitor.update(record["residual_contrib_px_mean"]):
-            message = (f"residual branch inactive: contribution below {monitor.threshold_px} px for "
-                       f"{monitor.patience} consecutive steps (warning #{monitor.fired})")
-            self.write({"kind": "warning", "name": "residual_inactive", "epoch": self.epoch,
-                        "step": record["step"], "message": message,
-                        "residual_contrib_px_mean": record["residual_contrib_px_mean"]})
-            self.info("WARNING " + message)
-
-    def _perf_fields(self, phases: dict[str, float], wall_ms: float, batch: int) -> dict:
-        fields = {
-            "data_time_ms": phases.get("data", 0.0),
-            "timing_forward_ms": phases.get("forward", 0.0),
-            "timing_backward_ms": phases.get("backward", 0.0),
-            "timing_optim_step_ms": phases.get("optim_step", 0.0),
-            "instrumentation_ms": phases.get("instrumentation", 0.0),
-            "batch_time_ms": wall_ms,
-            "samples_per_sec": batch * self.dist.world_size / max(wall_ms / 1000.0, 1e-9),
-        }
-        fields["unaccounted_ms"] = wall_ms - sum(phases.values())
-        fields.update(cuda_memory_mb(self.device))
-        return fields
 
     # ------------------------------------------------------------------ failures
     def fail_non_finite(self, what: str, value: float, components: Mapping[str, Any] | None = None, *,
@@ -445,72 +399,33 @@ class Instrumentation:
         finite = {k: float(v) for k, v in (components or {}).items()}
         bad = sorted(k for k, v in finite.items() if not math.isfinite(v))
         detail = f"; non-finite components: {bad or 'none'}" if components else ""
-        batch_fields: dict[str, Any] = {}
-        if self._batch is not None and self._batch_tensors:
-            # The step's own batch: a NaN or out-of-range input explains the failure better than the lr.
-            batch_fields = {k: float(v) for k, v in self._batch_tensors.items()}
-            batch_fields.update(batch_identity(self._batch, batch_fields))
-            sample = batch_fields.get("batch_bad_sample")
-            if sample:
-                name = sample.get("image_id") or f"#{sample['index']}"
-                hint = (f"The input batch is bad: sample {name} holds "
-                        + ("non-finite values" if sample["nonfinite"] else
-                           f"values in [{sample['min']:.4g}, {sample['max']:.4g}], expected [0, 1]")
-                        + "; check the data loader")
+        # The step's own batch: a NaN or out-of-range input explains the failure better than the lr.
+        batch_fields = self.batch_sanity.exact_fields() if self.batch_sanity is not None else {}
+        sample = batch_fields.get("batch_bad_sample")
+        if sample:
+            name = sample.get("image_id") or f"#{sample['index']}"
+            hint = (f"The input batch is bad: sample {name} holds "
+                    + ("non-finite values" if sample["nonfinite"] else
+                       f"values in [{sample['min']:.4g}, {sample['max']:.4g}], expected [0, 1]")
+                    + "; check the data loader")
         message = (f"non-finite {what} ({value}) at epoch {self.epoch + 1}, step {step}{detail}. "
                    f"{hint or self.non_finite_hint}.")
         self.write({"kind": "error", "name": "non_finite", "epoch": self.epoch, "step": step,
                     "message": message, **finite, **batch_fields})
         raise NonFiniteLossError(message)
 
+    def _fail_non_finite_outputs(self, names: list[str]) -> None:
+        self.fail_non_finite(f"model outputs in validation after the update: {', '.join(names)}", math.nan,
+                             step=self.global_step)
+
     # ------------------------------------------------------------------ validation
     def probe_batch(self, val_batches: Iterable[Mapping] | None = None) -> dict:
         """The first ``probe_max_samples`` validation samples, fixed for the whole run."""
-        if self._probe is None:
-            if val_batches is None:
-                raise ValueError("the probe needs validation batches: call on_train_start(val_loader) first")
-            inputs, targets, ids = [], [], []
-            need = self.config.probe_max_samples
-            for index, batch in enumerate(val_batches):
-                check_batch_range(batch, f"validation batch {index} (the probe)")  # not "pred" in the proxy
-                inputs.append(batch["input_image"])
-                targets.append(batch["target_image"])
-                ids.extend(list(batch.get("image_id", [])))
-                if sum(x.shape[0] for x in inputs) >= need:
-                    break
-            if not inputs:
-                raise ValueError("the validation loader is empty; the probe needs at least one sample")
-            self._probe = {"input_image": torch.cat(inputs)[:need].to(self.device),
-                           "target_image": torch.cat(targets)[:need].to(self.device), "image_id": ids[:need]}
-        return self._probe
+        return self.probe.probe_batch(val_batches)
 
-    @torch.no_grad()
     def init_check(self) -> dict:
         """Before any step: does the model predict the identity warp, with identity's proxy and loss?"""
-        probe = self.probe_batch()
-        with _eval_mode(self.core):
-            image, target = probe["input_image"], probe["target_image"]
-            correction = correct(self.core, image, self.spec.residual_active)
-            identity_warp = _identity_warp(image)
-            identity = identity_warp.prediction
-            model_loss, _ = self.loss_fn(correction, target)
-            # The same loss on the identity warp, given the outputs the model gives: a model that
-            # passes a (zero) flow is compared with identity passing a zero flow of the same shape, so
-            # a regularizer with a floor at zero flow (sqrt(x^2 + eps)) counts the same on both sides.
-            flow = correction.residual_flow_lowres
-            identity_flow = torch.zeros_like(flow) if flow is not None else None
-            identity_loss, _ = self.loss_fn(Correction(_identity_params(image), identity_flow, identity_warp, image),
-                                            target)
-            return {
-                "init_image_height": int(image.shape[-2]), "init_image_width": int(image.shape[-1]),
-                "init_pred_max_abs_diff": float((correction.prediction - identity).abs().max()),
-                "init_proxy_total": proxy_score_batch(correction.prediction.float(), target.float())["total"],
-                "identity_proxy_total": proxy_score_batch(identity.float(), target.float())["total"],
-                "init_loss": float(model_loss),
-                "identity_loss": float(identity_loss),
-                "init_params_max_abs_dev": float((correction.params - correction.params.new_tensor(
-                    IDENTITY_PARAMS)).abs().max()),
-            }
+        return self.probe.init_check()
 
     def on_validation(self, val_batches: Iterable[Mapping], *, final: bool = False) -> dict:
         """Score the model (and, once, identity and ground truth) on the validation batches and the
@@ -521,10 +436,7 @@ class Instrumentation:
         mean predicted parameters applied to every image) for ``beats_constant_lens``: a second
         pass over ``val_batches``, which must then be iterable twice (a ``DataLoader`` is)."""
         record = self.evaluate(val_batches, final=final)
-        improved = record["val_proxy_total"] > self.best_score
-        if improved:
-            self.best_score, self.best_epoch = record["val_proxy_total"], self.epoch
-        record.update({"best_val_proxy_total": self.best_score, "is_best": improved})
+        self.validation.track_best(record, self.epoch)
         self.write(record)
         return record
 
@@ -535,353 +447,62 @@ class Instrumentation:
         record: dict = {"kind": "val_epoch", "epoch": self.epoch, "step": self.global_step}
         if self.config.instrument:
             self.probe_batch(val_batches)  # fixed at the first call: the first samples of the first pass
-        loss_fn = self.loss_fn
-
-        def val_loss(pred, target, correction):
-            return {"val_loss": loss_fn(correction, target)[0]}
-
-        need_baselines = self._baselines is None
-        if self.config.instrument:
-            record.update(validation_fingerprint(val_batches))
-            val_batches = _IdTap(val_batches)
-        # A finite last training loss does not make the updated weights usable (a huge step can
-        # overflow the next forward): outputs are checked so such a run stops with a clear error.
-        used = ("params", "residual_flow_lowres") if self.spec.residual_active else ("params",)
-        checked = _FiniteOutputs(self.core, used, self._fail_non_finite_outputs).train(self.core.training)
-        scores = score_subset(checked, val_batches, residual_active=self.spec.residual_active,
-                              device=self.device, ground_truth=self.ground_truth, loss_fn=val_loss,
-                              with_baselines=need_baselines, constant_lens=final and self.config.instrument)
-        if need_baselines:
-            self._baselines = {f"identity_proxy_{k}": v for k, v in scores.identity.items()}
-            if scores.ground_truth is not None:
-                self._baselines.update({f"gt_proxy_{k}": v for k, v in scores.ground_truth.items()})
-        record.update({f"val_proxy_{k}": v for k, v in scores.model.items()})
-        # beats_constant_lens: the model's own mean lens on every image; where ground truth is known,
-        # the per-parameter correlation of the predictions with it
-        record.update({f"constant_lens_proxy_{k}": v for k, v in (scores.constant_lens or {}).items()})
-        record.update({f"pred_gt_corr_{k}": v for k, v in (scores.param_correlations or {}).items()})
-        record.update(self._baselines)
-        if self.spec.residual_active and self.config.instrument and final:
-            # The same model with its residual zeroed (the parametric warp alone): does the residual help?
-            # residual_helps judges the last validation only, so only the final one pays this pass.
-            without = score_subset(self.core, val_batches, residual_active=False, device=self.device,
-                                   with_baselines=False)
-            record.update({f"val_proxy_no_residual_{k}": v for k, v in without.model.items()})
-        record["val_sample_count"] = scores.sample_count
-        record["val_loss"] = scores.loss_sums["val_loss"] / max(1, scores.sample_count)
-        if isinstance(val_batches, _IdTap) and val_batches.ids and self._epoch_losses:
-            # train == val (overfit modes): the epoch's mean training loss on the same samples
-            record["val_ids_match_train"] = set(val_batches.ids) == self._epoch_ids
-            record["train_epoch_loss_mean"] = sum(self._epoch_losses) / len(self._epoch_losses)
-            record["train_epoch_steps"] = len(self._epoch_losses)
+        record.update(self.validation.evaluate(val_batches, final=final))
         if self.config.instrument:
             record.update(self.probe_metrics())
-        if self.dist.enabled:
-            record.update(self._rank_checksums(record))
+        record.update(self.rank_sync.validation_fields(record))
         return record
 
     def probe_metrics(self) -> dict:
-        probe = self.probe_batch()
-        decimals = self.config.checksum_decimals
-        with _eval_mode(self.core):
-            correction = correct(self.core, probe["input_image"], self.spec.residual_active)
-            again = correct(self.core, probe["input_image"], self.spec.residual_active)  # same input, same weights
-            _, components = default_loss_fn(self.spec)(correction, probe["target_image"])
-            geometry = self._geometry(correction)
-        flow_modes = self._flow_train_vs_eval(probe["input_image"], correction) if self.spec.residual_active else {}
-        proxy = proxy_score_batch(correction.prediction.float(), probe["target_image"].float())
-        return {
-            "probe_repeat_max_abs_diff": float((again.prediction - correction.prediction).abs().max()),
-            "probe_residual_contrib_px_mean": float(geometry["residual_contrib_px_mean"]),
-            "probe_param_grid_disp_px_mean": float(geometry["param_grid_disp_px_mean"]),
-            "probe_pred_checksum": tensor_checksum(correction.prediction, decimals),
-            "probe_final_grid_checksum": tensor_checksum(correction.warp.final_grid.permute(0, 3, 1, 2), decimals),
-            "probe_params_checksum": tensor_checksum(correction.params, decimals + 1),
-            "probe_proxy_total_score": proxy["total"],
-            "probe_pixel": float(components["pixel"]),
-            "probe_ssim": float(components["ssim"]),
-            "probe_edge": float(components["edge"]),
-            "probe_sample_count": int(probe["input_image"].shape[0]),
-            "param_checksum": self.parameter_checksum(),
-            **flow_modes,
-        }
-
-    def _flow_train_vs_eval(self, image: torch.Tensor, at_eval: Correction) -> dict:
-        """The probe's residual flow in train mode vs eval mode, by value: their cosine and both
-        checksums. Buffers (batch-norm statistics) and the random state are restored afterwards,
-        so the train-mode pass leaves the run exactly as it was."""
-        if at_eval.residual_flow_lowres is None:
-            return {}
-        buffers = [b.detach().clone() for b in self.core.buffers()]
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            was_training = self.core.training
-            self.core.train()
-            try:
-                in_train = correct(self.core, image, True).residual_flow_lowres
-            finally:
-                self.core.train(was_training)
-                for saved, buffer in zip(buffers, self.core.buffers()):
-                    buffer.copy_(saved)
-        if in_train is None:
-            return {}
-        a, b = in_train.detach().float().reshape(-1), at_eval.residual_flow_lowres.detach().float().reshape(-1)
-        norms = float(a.norm() * b.norm())
-        decimals = self.config.checksum_decimals
-        return {"probe_flow_cosine_train_eval": float(a @ b) / norms if norms > 0 else None,
-                "probe_flow_checksum_train": tensor_checksum(in_train, decimals),
-                "probe_flow_checksum_eval": tensor_checksum(at_eval.residual_flow_lowres, decimals)}
+        """The fixed probe's ``val_epoch`` figures for the model as it is now."""
+        return self.probe.metrics()
 
     def parameter_checksum(self) -> str:
         """Digest of every parameter and floating-point buffer (batch-norm statistics), rounded like
         the probe at two more decimals, to compare ranks and runs."""
-        tensors = [t for t in self.core.state_dict().values() if t.is_floating_point()]
-        flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
-        return tensor_checksum(flat, self.config.checksum_decimals + 2)
+        return parameter_checksum(self.core, self.config.checksum_decimals + 2)
 
-    def _rank_checksums(self, record: dict) -> dict:
-        """Every rank's parameter (and probe prediction) checksum, gathered: ranks_in_sync judges them."""
-        mine = (record.get("param_checksum") or self.parameter_checksum(), record.get("probe_pred_checksum"))
-        gathered = gather_objects(mine, self.dist)
-        out = {"rank_param_checksums": [g[0] for g in gathered]}
-        if mine[1] is not None:
-            out["rank_probe_checksums"] = [g[1] for g in gathered]
-        return out
+    def optimizer_coverage(self) -> dict | None:
+        """``run_end.optimizer_coverage`` as it reads now (``None`` without instrumentation or steps)."""
+        return self.optimizer_observer.report()
 
-    def _fail_non_finite_outputs(self, names: list[str]) -> None:
-        self.fail_non_finite(f"model outputs in validation after the update: {', '.join(names)}", math.nan,
-                             step=self.global_step)
+    def _geometry(self, correction: Correction) -> dict[str, torch.Tensor]:
+        return geometry_figures(correction, self.param_bounds)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
-        """What a checkpoint must hold for a resumed run to continue these metrics exactly."""
-        return {"global_step": self.global_step, "epoch": self.epoch, "best_score": self.best_score,
-                "best_epoch": self.best_epoch,
-                "inactivity_monitor": ({"consecutive": self._monitor.consecutive, "fired": self._monitor.fired}
-                                       if self._monitor is not None else None),
-                # the epoch in hand's training losses and samples (train_val_agree after a mid-epoch resume)
-                "epoch_losses": [float(x) for x in self._epoch_losses], "epoch_ids": sorted(self._epoch_ids)}
+        """What a checkpoint must hold for a resumed run to continue these metrics exactly: the
+        counters and each observer's own state (``observers``, by name; plain values only, so a
+        ``torch.load(..., weights_only=True)`` reads it)."""
+        states = {name: observer.state_dict() for name, observer in self.observers.items()}
+        return {"version": STATE_VERSION, "global_step": self.global_step, "epoch": self.epoch,
+                "observers": {name: state for name, state in states.items() if state is not None}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back :meth:`state_dict` (or the flat state of an earlier release, or such a
+        release's Trainer checkpoint). Raises ``ValueError`` for a state of a newer version."""
+        version = state.get("version")
+        if version is None:
+            state = _from_flat_state(state)
+        elif not isinstance(version, int) or version > STATE_VERSION:
+            raise ValueError(f"instrumentation state version {version!r} is newer than this autohdr reads "
+                             f"({STATE_VERSION}): resume it with the autohdr that wrote it")
         self.global_step = int(state.get("global_step", 0))
         self.epoch = int(state.get("epoch", 0))
         self._epoch_started = True
-        self.best_score = float(state.get("best_score", -math.inf))
-        self.best_epoch = int(state.get("best_epoch", -1))
-        self._epoch_losses = [float(x) for x in state.get("epoch_losses", [])]
-        self._epoch_ids = {str(i) for i in state.get("epoch_ids", [])}
-        self._resumed_epoch = self.epoch  # its next on_train_epoch_start continues this epoch's figures
-        monitor = state.get("inactivity_monitor")
-        if self._monitor is not None and monitor is not None:
-            self._monitor.consecutive = int(monitor["consecutive"])
-            self._monitor.fired = int(monitor["fired"])
+        for name, observer_state in (state.get("observers") or {}).items():
+            if name in self.observers and observer_state is not None:
+                self.observers[name].load_state_dict(observer_state)
+        self.validation.resume_in(self.epoch)  # its next on_train_epoch_start continues this epoch's figures
 
 
-class PerfTotals:
-    """Run-level throughput: samples over wall time after ``warmup`` steps, warm-up reported apart."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.steps = 0
-        self.samples = 0
-        self.wall_ms = 0.0
-        self.warm_samples = 0
-        self.warm_wall_ms = 0.0
-        self.phases: dict[str, float] = {}
-
-    def add(self, samples: int, wall_ms: float, phases: dict[str, float]) -> None:
-        self.steps += 1
-        if self.steps <= self.warmup:
-            self.warm_samples += samples
-            self.warm_wall_ms += wall_ms
-            return
-        self.samples += samples
-        self.wall_ms += wall_ms
-        for key, value in phases.items():
-            self.phases[key] = self.phases.get(key, 0.0) + value
-
-    def summary(self) -> dict:
-        out: dict = {"steps": self.steps, "warmup_steps": min(self.steps, self.warmup),
-                     "warmup_wall_ms": self.warm_wall_ms}
-        if self.wall_ms > 0:
-            measured = self.steps - min(self.steps, self.warmup)
-            out["samples_per_sec"] = self.samples / (self.wall_ms / 1000.0)
-            out["step_time_ms_mean"] = self.wall_ms / measured
-            for key, value in self.phases.items():
-                out[f"{key}_ms_mean"] = value / measured
-            if "instrumentation" in self.phases:
-                out["instrumentation_overhead_frac"] = self.phases["instrumentation"] / self.wall_ms
-        return out
-
-
-class _FiniteOutputs(nn.Module):
-    """Runs ``model`` unchanged and calls ``on_fail(names)`` when one of the outputs ``names`` it
-    returns is not finite (one device-wide check per output and batch)."""
-
-    def __init__(self, model: nn.Module, names: tuple[str, ...], on_fail: Callable[[list[str]], None]) -> None:
-        super().__init__()
-        self.model = model
-        self._names = names
-        self._on_fail = on_fail
-
-    def forward(self, image: torch.Tensor):
-        outputs = self.model(image)
-        if isinstance(outputs, Mapping):
-            bad = [name for name in self._names
-                   if isinstance(outputs.get(name), torch.Tensor) and not bool(torch.isfinite(outputs[name]).all())]
-            if bad:
-                self._on_fail(bad)
-        return outputs
-
-
-class _eval_mode:
-    """``with _eval_mode(model):`` evaluates in eval mode and restores the previous mode."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.was_training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
-
-
-def _identity_params(image: torch.Tensor) -> torch.Tensor:
-    return identity_params(image.shape[0], device=image.device, dtype=image.dtype)
-
-
-def _identity_warp(image: torch.Tensor) -> WarpResult:
-    """The identity warp of ``image`` ``(B, 3, H, W)``, through the same code path as every prediction."""
-    return apply_correction(image, _identity_params(image), None)
-
-
-def _now() -> float:
-    return time.perf_counter()
-
-
-def batch_range_tensors(batch: Mapping) -> dict[str, torch.Tensor]:
-    """``batch_min`` / ``batch_max`` over input and target images and ``batch_nonfinite`` (count), 0-d."""
-    images = [batch[k] for k in ("input_image", "target_image") if isinstance(batch.get(k), torch.Tensor)]
-    if not images:
-        return {}
-    finite = [torch.nan_to_num(x.detach(), nan=0.5, posinf=0.5, neginf=0.5) for x in images]
-    return {"batch_min": torch.stack([x.amin() for x in finite]).amin().float(),
-            "batch_max": torch.stack([x.amax() for x in finite]).amax().float(),
-            "batch_nonfinite": sum((~torch.isfinite(x.detach())).sum() for x in images).float()}
-
-
-def batch_identity(batch: Mapping, record: Mapping[str, Any]) -> dict[str, Any]:
-    """``batch_fingerprint`` (16 hex digits of the ordered sample ids, else of the pooled input) and,
-    when the batch is out of ``[0, 1]`` or not finite, ``batch_bad_sample`` naming the first bad sample."""
-    ids = [str(i) for i in batch.get("image_id", [])]
-    if ids:
-        fingerprint = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
-    else:
-        fingerprint = tensor_checksum(batch["input_image"].detach().float(), 3)
-    out: dict[str, Any] = {"batch_fingerprint": fingerprint}
-    out_of_range = record.get("batch_min", 0.0) < -RANGE_TOLERANCE or record.get("batch_max", 1.0) > 1 + RANGE_TOLERANCE
-    if out_of_range or record.get("batch_nonfinite", 0.0) > 0:
-        worst = None
-        for index in range(int(batch["input_image"].shape[0])):
-            sample = [batch[k][index] for k in ("input_image", "target_image") if isinstance(batch.get(k), torch.Tensor)]
-            nonfinite = any(not bool(torch.isfinite(x).all()) for x in sample)
-            low = min(float(torch.nan_to_num(x, nan=0.5).amin()) for x in sample)
-            high = max(float(torch.nan_to_num(x, nan=0.5).amax()) for x in sample)
-            if nonfinite or low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-                worst = {"index": index, "image_id": ids[index] if index < len(ids) else None,
-                         "nonfinite": nonfinite, "min": low, "max": high}
-                break
-        out["batch_bad_sample"] = worst
-    return out
-
-
-def optimizer_groups(optimizer: torch.optim.Optimizer | None,
-                     groups: Mapping[str, list[nn.Parameter]]) -> list[dict[str, Any]] | None:
-    """Each optimizer param group's hyperparameters (``lr``, ``eps``, ``betas``, ``weight_decay``,
-    ``momentum`` where it has them), its tensor count and the named groups its parameters belong to."""
-    if optimizer is None:
-        return None
-    owner = {id(p): name for name, params in groups.items() for p in params}
-    out = []
-    for group in optimizer.param_groups:
-        item: dict[str, Any] = {"tensors": len(group["params"]),
-                                "groups": sorted({owner[id(p)] for p in group["params"] if id(p) in owner})}
-        for key in ("lr", "eps", "betas", "weight_decay", "momentum"):
-            value = group.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                item[key] = float(value)
-            elif isinstance(value, (tuple, list)):
-                item[key] = [float(v) for v in value]
-            elif isinstance(value, torch.Tensor) and value.numel() == 1:
-                item[key] = float(value)
-        out.append(item)
-    return out
-
-
-def validation_fingerprint(val_batches: Iterable[Mapping]) -> dict[str, str]:
-    """``val_batch_fingerprint``: 16 hex digits of the first validation batch (its sample ids and
-    its input pixels to 3 decimals), to check that validation scores the same data every epoch."""
-    first = next(iter(val_batches), None)
-    if first is None or not isinstance(first.get("input_image"), torch.Tensor):
-        return {}
-    ids = "\n".join(str(i) for i in first.get("image_id", []))
-    pixels = tensor_checksum(first["input_image"].detach().float(), 3)
-    return {"val_batch_fingerprint": hashlib.sha256(f"{ids}|{pixels}".encode("utf-8")).hexdigest()[:16]}
-
-
-class _IdTap:
-    """Re-iterable view of validation batches that collects their sample ids as they pass."""
-
-    def __init__(self, batches: Iterable[Mapping]) -> None:
-        self.batches = batches
-        self.ids: list[str] = []
-
-    def __len__(self) -> int:
-        return len(self.batches)  # type: ignore[arg-type]
-
-    def __iter__(self):
-        self.ids = []
-        for batch in self.batches:
-            self.ids.extend(str(i) for i in batch.get("image_id", []))
-            yield batch
-
-
-#: Images are ``[0, 1]``; resampling may overshoot by float rounding only.
-RANGE_TOLERANCE = 1e-3
-
-
-class OptimizerCoverage:
-    """Which parameters got a gradient (at any step) versus which the optimizer updates.
-
-    ``observe`` after each backward; ``report`` names parameters with gradients the optimizer does
-    not hold (created after it, or left out of it) and optimized parameters that never got a
-    gradient (``skip``: parameters the stage switches off, e.g. the residual head in stage 1).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer | None, skip: Iterable[nn.Parameter] = ()) -> None:
-        self.optimizer = optimizer
-        self._skip = {id(p) for p in skip}
-        self._with_grad: set[int] = set()
-        self.steps = 0
-
-    def observe(self, model: nn.Module) -> None:
-        self.steps += 1
-        for param in model.parameters():
-            if param.grad is not None:
-                self._with_grad.add(id(param))
-
-    def report(self, model: nn.Module) -> dict[str, Any] | None:
-        if self.optimizer is None or self.steps == 0:
-            return None
-        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        names = [(name, id(p)) for name, p in model.named_parameters()]
-        return {
-            "steps_observed": self.steps,
-            "optimized_tensors": len(optimized),
-            "grad_not_optimized": [n for n, i in names if i in self._with_grad and i not in optimized],
-            "optimized_never_grad": [n for n, i in names if i in optimized and i not in self._with_grad
-                                     and i not in self._skip],
-        }
+def _from_flat_state(state: Mapping[str, Any]) -> dict:
+    """The flat state of earlier releases (``Instrumentation.state_dict()`` before version 2, or a
+    Trainer checkpoint's top level) in version 2's shape."""
+    observers: dict[str, Any] = {"validation": {
+        "best_score": state.get("best_score", -math.inf), "best_epoch": state.get("best_epoch", -1),
+        "epoch_losses": state.get("epoch_losses", []), "epoch_ids": state.get("epoch_ids", [])}}
+    if state.get("inactivity_monitor") is not None:
+        observers["residual_activity"] = dict(state["inactivity_monitor"])
+    return {"version": STATE_VERSION, "global_step": state.get("global_step", 0), "epoch": state.get("epoch", 0),
+            "observers": observers}

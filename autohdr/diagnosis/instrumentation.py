@@ -1,13 +1,15 @@
 """Stateful instrumentation attached to the training loop: the runbook's diagnostics.
 
-Each class holds only the state its measurement needs and returns 0-d tensors, so the trainer
-reads every figure of a step with a single host transfer.
+Each class holds only the state its measurement needs and returns 0-d tensors, so the hooks
+read every figure of a step with a single host transfer. The observers of
+:mod:`autohdr.diagnosis.observers` (one concern each) are built from these parts.
 
 * :func:`parameter_groups` splits parameters into ``backbone`` / ``param_head`` /
   ``residual_head`` (and ``other`` for anything else), each parameter exactly once, by the
   user's prefixes (``--groups``), the model's ``parameter_groups()`` or autohdr's names.
 * :class:`ParamDeltaTracker` measures ``||theta_after - theta_before||`` per group exactly, without
-  allocating: one persistent buffer per parameter, updated in place with foreach kernels.
+  allocating: one persistent buffer per parameter, updated in place with foreach kernels (one
+  subtract and one copy over every group).
 * :class:`ResidualInactivityMonitor` counts consecutive steps with a tiny residual.
 * :class:`StepTimer` splits a step into named phases, synchronizing CUDA at each mark.
 """
@@ -145,27 +147,29 @@ def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]
 class ParamDeltaTracker:
     """Exact per-group norm of the change of the parameters between two calls of :meth:`measure`.
 
-    Keeps one buffer per parameter (allocated once). ``measure`` subtracts the current values
-    from the buffer in place, takes the norm, and copies the current values back: no per-step
-    allocation and no per-tensor host synchronization.
+    Keeps one buffer per parameter (allocated once). ``measure`` subtracts the current values from
+    the buffers in place, takes each group's norm, and copies the current values back.
     """
 
-    def __init__(self, groups: dict[str, list[nn.Parameter]]) -> None:
+    def __init__(self, groups: Mapping[str, list[nn.Parameter]]) -> None:
         self._groups = {name: list(params) for name, params in groups.items()}
         self._previous = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
+        self._all_params = [p for params in self._groups.values() for p in params]
+        self._all_previous = [b for buffers in self._previous.values() for b in buffers]
+        # an empty group's zero lives where the others' norms do (they are stacked together)
+        self._device = self._all_params[0].device if self._all_params else torch.device("cpu")
 
     @torch.no_grad()
     def measure(self) -> dict[str, torch.Tensor]:
+        current = [p.detach() for p in self._all_params]
+        if current:
+            torch._foreach_sub_(self._all_previous, current)
         deltas = {}
-        for name, params in self._groups.items():
-            previous = self._previous[name]
-            if not params:
-                deltas[name] = torch.zeros(())
-                continue
-            current = [p.detach() for p in params]
-            torch._foreach_sub_(previous, current)
-            deltas[name] = torch.nn.utils.get_total_norm(previous, 2.0)
-            torch._foreach_copy_(previous, current)
+        for name, previous in self._previous.items():
+            deltas[name] = (torch.nn.utils.get_total_norm(previous, 2.0) if previous
+                            else torch.zeros((), device=self._device))
+        if current:
+            torch._foreach_copy_(self._all_previous, current)
         return deltas
 
 

@@ -2,7 +2,10 @@
 
 A checkpoint is a dict of tensors and plain values only: ``model`` (state dict), ``optimizer``,
 ``scheduler``, ``epoch``, ``global_step``, ``best_score``, ``config`` (the TrainConfig as a dict),
-``model_config`` (when the model has one) and ``rng`` (torch CPU RNG state).
+``model_config`` (when the model has one), ``rng`` (torch CPU RNG state) and ``instrumentation``
+(``Instrumentation.state_dict()``: the hooks' counters and each observer's state, which a resume
+in the middle of an epoch needs to continue its figures exactly; a checkpoint without it, from an
+earlier release, resumes from its top-level counters).
 """
 
 from __future__ import annotations

@@ -219,7 +219,9 @@ class Trainer:
             "stage": self.config.stage,
             "config": to_dict(self.config),
             "rng": torch.get_rng_state(),
-            "inactivity_monitor": self.hooks.state_dict()["inactivity_monitor"],
+            # the hooks' counters and every observer's state (the best score, the inactivity count, the
+            # epoch in hand's training losses and ids...): a resume mid-epoch continues them exactly
+            "instrumentation": self.hooks.state_dict(),
         }
         model_config = getattr(self.core, "config", None)
         if model_config is not None and hasattr(model_config, "__dataclass_fields__"):
@@ -249,8 +251,7 @@ class Trainer:
 
     def optimizer_coverage(self) -> dict | None:
         """The optimizer coverage so far (``run_end.optimizer_coverage`` as it would read now)."""
-        coverage = getattr(self.hooks, "_coverage", None)
-        return coverage.report(self.core) if coverage is not None and self.config.debug_instrumentation else None
+        return self.hooks.optimizer_coverage()
 
     def parameter_checksum(self) -> str:
         """Digest of every parameter and floating-point buffer (see ``Instrumentation.parameter_checksum``)."""
@@ -347,7 +348,8 @@ class Trainer:
             self._resume_schedule(int(state["schedule_total_steps"]),
                                   saved.get("epochs") if isinstance(saved, dict) else None, path)
         torch.set_rng_state(state["rng"])
-        self.hooks.load_state_dict(state)
+        # a checkpoint of an earlier release has no "instrumentation": its top level is the flat state
+        self.hooks.load_state_dict(state.get("instrumentation", state))
         if not state.get("epoch_complete", True):  # interrupted.pt: finish that epoch from its next batch
             done = self._steps_done_in_epoch = int(state.get("steps_done_in_epoch", 0))
             self.info(f"resumed from {path} in epoch {self.epoch + 1} after {done} of its steps")
