@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -272,17 +273,28 @@ def _main(argv: list[str] | None) -> int:
 def entry() -> None:
     """The ``autohdr`` command: run :func:`main` and exit with its code.
 
-    Under torchrun a rank leaves with ``os._exit`` once its work is done and the process group is
-    destroyed: gloo's worker threads can otherwise abort interpreter teardown after a good run
-    ("terminate called without an active exception", exit -6), which torchrun reports as a failed job.
-    Every file a run writes is closed by then, so skipping finalization loses nothing.
+    The command leaves with ``os._exit`` once its work is done, skipping interpreter finalization:
+    tearing down torch, ``torch._dynamo`` (which the optimizer imports) and matplotlib module by module
+    costs about 0.9 s of CPU after the last line is printed, a tenth of a probe. Every file a run writes
+    is closed by then (checkpoints, metrics, report, figures), stdout and stderr are flushed here, so
+    skipping it loses nothing. A process with children still running (a DataLoader's workers) exits
+    normally, so they are shut down as usual. Under torchrun it also keeps gloo's worker threads from
+    aborting teardown after a good run ("terminate called without an active exception", exit -6),
+    which torchrun reports as a failed job.
     """
     code = main()
-    if launched_by_torchrun():
+    if launched_by_torchrun() or not _children_running():
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _children_running() -> bool:
+    """Whether a child process this one started (multiprocessing) is still running."""
+    import multiprocessing
+    return bool(multiprocessing.active_children())
 
 
 if __name__ == "__main__":
