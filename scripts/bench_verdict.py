@@ -18,7 +18,8 @@ Per mode, ``--runs`` times each (medians reported):
 ``--faults`` instead times each structural fault of :data:`STRUCTURAL_FAULTS` (tests/faults.py's
 broken models and loaders at the mode's preset size, fail fast on, figures and report.html written as
 the command writes them) as a fresh process: **to_bad_s**, spawn until the verdict table is printed
-(the BAD verdict), and **whole_s**, spawn to exit; with where the run stopped and the signals it named.
+(the BAD verdict; ``to_bad_cpu_s``: the CPU seconds the process had used by then, for a loaded machine), and
+**whole_s**, spawn to exit; with where the run stopped and the signals it named.
 
     .venv/bin/python scripts/bench_verdict.py                                  # stage2_probe, 3 runs
     .venv/bin/python scripts/bench_verdict.py --faults --runs 3                # time to BAD, every structural fault
@@ -161,13 +162,15 @@ def fault_command(name: str) -> dict:
             raise RuntimeError(f"fault {name} exited {done.returncode}: {(done.stdout + done.stderr).strip()[-2000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
     return {"name": name, "to_bad_s": result["verdict_unix"] - spawned_unix, "whole_s": whole,
-            "exit_code": done.returncode, "stopped_early": result["stopped_early"], "bad": result["bad"]}
+            "to_bad_cpu_s": result["verdict_cpu_s"], "exit_code": done.returncode,
+            "stopped_early": result["stopped_early"], "bad": result["bad"]}
 
 
 def _run_fault(name: str, out: Path) -> int:
     """Inside the ``--fault-run`` process: the fault's run as ``autohdr debug`` runs it; prints the verdict
     table (stderr) when judged, then one JSON line (stdout); exits like the command (os._exit, code 1)."""
     verdict_unix: list[float] = []
+    verdict_cpu: list[float] = []  # CPU seconds of this process (its start and imports included)
     from autohdr import cli
     from autohdr.data.settings import default_fixture_root
     from autohdr.runs.debug import build_loaders, resolve_preset, run_debug_mode, select_rows
@@ -188,10 +191,12 @@ def _run_fault(name: str, out: Path) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             cli._print_report(report, summary=False)
         verdict_unix.append(time.time())
+        verdict_cpu.append(time.process_time())
 
     report = run_debug_mode(mode, model=model, train_loader=train_loader, val_loader=val_loader, out_dir=out,
                             device="cpu", on_verdict=on_verdict, log=lambda message: print(message, file=sys.stderr))
-    print(json.dumps({"verdict_unix": verdict_unix[0], "stopped_early": report.get("stopped_early"),
+    print(json.dumps({"verdict_unix": verdict_unix[0], "verdict_cpu_s": verdict_cpu[0],
+                      "stopped_early": report.get("stopped_early"),
                       "bad": [v["signal"] for v in report["verdicts"] if v["ok"] is False]}), flush=True)
     sys.stderr.flush()
     os._exit(cli.EXIT_OK if report["all_good"] else cli.EXIT_BAD_SIGNAL)
@@ -205,6 +210,7 @@ def summarize_faults(runs: list[dict]) -> list[dict]:
     return [{"fault": name, "mode": STRUCTURAL_FAULTS[name][0], "runs": len(items),
              "to_bad_s": statistics.median(r["to_bad_s"] for r in items),
              "whole_s": statistics.median(r["whole_s"] for r in items),
+             "to_bad_cpu_s": statistics.median(r.get("to_bad_cpu_s", float("nan")) for r in items),
              "stopped_early": items[0]["stopped_early"], "bad": items[0]["bad"]} for name, items in by_name.items()]
 
 
@@ -212,8 +218,9 @@ def format_fault(summary: dict) -> str:
     stopped = summary["stopped_early"]
     where = (f"stopped at {stopped['point']} (step {stopped['step']}) on {', '.join(stopped['signals'])}"
              if stopped else "not stopped early: " + ", ".join(summary["bad"]))
-    return (f"{summary['fault']} ({summary['mode']}): BAD after {summary['to_bad_s']:.2f} s, exit after "
-            f"{summary['whole_s']:.2f} s (median of {summary['runs']}); {where}")
+    return (f"{summary['fault']} ({summary['mode']}): BAD after {summary['to_bad_s']:.2f} s "
+            f"({summary['to_bad_cpu_s']:.2f} s CPU), exit after {summary['whole_s']:.2f} s "
+            f"(median of {summary['runs']}); {where}")
 
 
 def summarize(mode: str, wholes: list[dict], bares: list[dict]) -> dict:

@@ -75,12 +75,13 @@ def test_run_debug_mode_writes_its_timings_last(tmp_path):
 
 def test_fault_summary_takes_medians_and_says_where_each_run_stopped(bench):
     stopped = {"point": "init", "step": 0, "signals": ["init_is_identity"]}
-    runs = [{"name": "init-not-identity", "to_bad_s": t, "whole_s": t + 2.0, "exit_code": 1, "stopped_early": stopped,
-             "bad": ["init_is_identity"]} for t in (3.0, 1.0, 2.0)]
+    runs = [{"name": "init-not-identity", "to_bad_s": t, "whole_s": t + 2.0, "to_bad_cpu_s": t / 2, "exit_code": 1,
+             "stopped_early": stopped, "bad": ["init_is_identity"]} for t in (3.0, 1.0, 2.0)]
     (summary,) = bench.summarize_faults(runs)
     assert (summary["to_bad_s"], summary["whole_s"], summary["runs"], summary["mode"]) == (2.0, 4.0, 3, "overfit_stage1")
-    assert bench.format_fault(summary) == ("init-not-identity (overfit_stage1): BAD after 2.00 s, exit after 4.00 s "
-                                           "(median of 3); stopped at init (step 0) on init_is_identity")
+    assert summary["to_bad_cpu_s"] == 1.0
+    assert bench.format_fault(summary) == ("init-not-identity (overfit_stage1): BAD after 2.00 s (1.00 s CPU), exit "
+                                           "after 4.00 s (median of 3); stopped at init (step 0) on init_is_identity")
 
 
 def test_every_benchmarked_fault_is_a_suite_fault(bench):
