@@ -60,6 +60,9 @@ class JudgeConfig:
                                             # needs this many steps: healthy 1-4-step overfit runs lose to
                                             # identity (-31 % of the gap at 4), 8 steps beat both
     timing_min_steps: int = 8               # data-time medians over fewer steps are mostly warm-up
+    clipping_min_steps: int = 8             # a clipped share over fewer steps is one or two steps: healthy runs
+                                            # clip up to 28 % of steps (stage 3 on photos, 16-32 steps), most at the
+                                            # first step at peak lr after warm-up; a healthy 4-step run clipped 2 of 4
     group_min_steps: int = 2                # zero-initialized heads pass no gradient back (and the residual
                                             # contributes exactly 0) on step 1 of a healthy run
     group_move_min_steps: int = 4           # a group "moving without gradient" needs this many steps to judge
@@ -1299,6 +1302,7 @@ def judge(history: pd.DataFrame | str, cfg: JudgeConfig | None = None) -> list[V
 MIN_STEPS: dict[str, str] = {
     "beats_identity": "baseline_min_steps", "beats_constant_lens": "baseline_min_steps",
     "residual_helps": "baseline_min_steps", "not_data_bound": "timing_min_steps",
+    "clipping_sane": "clipping_min_steps",
     "backbone_learning": "group_min_steps", "param_head_learning": "group_min_steps",
     "residual_head_learning": "group_min_steps", "residual_contributes": "group_min_steps",
     "eval_residual_matches_train": "group_min_steps", "residual_not_inactive": "group_min_steps",
