@@ -180,8 +180,8 @@ def summarize(records: list[dict]) -> str:
                     bad[signal] += 1
                     where.setdefault(signal, []).append(f"{r['variation']} s{r['seed']}")
         drops = [r["loss_relative_drop"] for r in mine if r["loss_relative_drop"] is not None]
-        lines.append(f"{mode}: {len(mine)} healthy runs, {sum(not r['all_good'] for r in mine)} with a BAD signal; "
-                     f"smallest loss drop {min(drops):.2%}" if drops else f"{mode}: {len(mine)} runs")
+        lines.append(f"{mode}: {len(mine)} healthy runs, {sum(not r['all_good'] for r in mine)} with a BAD signal"
+                     + (f"; smallest loss drop {min(drops):.2%}" if drops else ""))
         for signal, count in bad.most_common():
             lines.append(f"  {signal}: BAD in {count} ({', '.join(where[signal])})")
     return "\n".join(lines)
