@@ -336,6 +336,11 @@ def _frozen_group(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
                      "False / not in the optimizer) or detached (.detach(), torch.no_grad() or x 0 between it and "
                      "the loss)")
             claims = (signal, *knock_on)
+            moves = bad.get("groups_move_with_gradients")
+            if moves is not None and moves.evidence.get("ghost_groups") == [group] \
+                    and not moves.evidence.get("still_groups"):
+                # a group without gradient that moves: the optimizer's weight decay on the frozen group
+                claims = (*claims, "groups_move_with_gradients")
             coverage = bad.get("optimizer_covers_params")
             if coverage is not None and not coverage.evidence.get("grad_not_optimized"):
                 # its optimized parameters never get a gradient: the same fault seen from the optimizer
