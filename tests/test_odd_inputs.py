@@ -103,7 +103,7 @@ def test_a_sensible_value_is_accepted(setting):
 def test_a_preset_file_with_inf_is_refused_by_name(tmp_path):
     from autohdr.runs.presets import load_preset
     preset = tmp_path / "mine.toml"
-    base = (Path(__file__).resolve().parent.parent / "autohdr" / "diagnosis" / "presets" / "stage2_probe.toml")
+    base = (Path(__file__).resolve().parent.parent / "autohdr" / "runs" / "presets" / "stage2_probe.toml")
     assert "\nlr = 3e-3" in base.read_text(encoding="utf-8")
     preset.write_text(base.read_text(encoding="utf-8").replace("\nlr = 3e-3", "\nlr = inf", 1), encoding="utf-8")
     with pytest.raises(ValueError, match=r"train\.lr: expected a finite float, got inf"):
