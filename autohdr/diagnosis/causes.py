@@ -281,6 +281,8 @@ def _diverged(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
         # The run stopped at the blow-up: what the steps before it show (parameters thrown to their
         # bounds, saturated heads passing no gradient, no time to learn) follows from it.
         claims += ("param_head_not_saturated", *GROUP_SIGNALS, *RESIDUAL_KNOCK_ON, "eval_residual_matches_train",
+                   *(("groups_move_with_gradients",) if "groups_move_with_gradients" in bad
+                     and not bad["groups_move_with_gradients"].evidence.get("still_groups") else ()),
                    "loss_decreases", "scores_move", "probe_checksums_change", *BASELINE_SIGNALS)
     return _diagnosis("diverged", f"training diverged on clean inputs: {setting} too high, or a loss term that "
                       "divides by or takes the log of 0", bad, claims,
@@ -337,9 +339,10 @@ def _frozen_group(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
                      "the loss)")
             claims = (signal, *knock_on)
             moves = bad.get("groups_move_with_gradients")
-            if moves is not None and moves.evidence.get("ghost_groups") == [group] \
+            if moves is not None and group in moves.evidence.get("ghost_groups", []) \
                     and not moves.evidence.get("still_groups"):
-                # a group without gradient that moves: the optimizer's weight decay on the frozen group
+                # groups without gradient that move (the frozen one, and in stage 1 the backbone behind it):
+                # the optimizer's weight decay on weights no gradient reaches
                 claims = (*claims, "groups_move_with_gradients")
             coverage = bad.get("optimizer_covers_params")
             if coverage is not None and not coverage.evidence.get("grad_not_optimized"):
