@@ -10,6 +10,7 @@ that was interrupted: its verdicts judge the steps it ran, headed ``INTERRUPTED`
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -276,14 +277,16 @@ def entry() -> None:
     The command leaves with ``os._exit`` once its work is done, skipping interpreter finalization:
     tearing down torch, ``torch._dynamo`` (which the optimizer imports) and matplotlib module by module
     costs about 0.9 s of CPU after the last line is printed, a tenth of a probe. Every file a run writes
-    is closed by then (checkpoints, metrics, report, figures), stdout and stderr are flushed here, so
-    skipping it loses nothing. A process with children still running (a DataLoader's workers) exits
+    is closed by then (checkpoints, metrics, report, figures); ``atexit`` handlers (a user module's
+    included) run first, then logging and stdout / stderr are flushed, so skipping it loses nothing. A process with children still running (a DataLoader's workers) exits
     normally, so they are shut down as usual. Under torchrun it also keeps gloo's worker threads from
     aborting teardown after a good run ("terminate called without an active exception", exit -6),
     which torchrun reports as a failed job.
     """
     code = main()
     if launched_by_torchrun() or not _children_running():
+        if not launched_by_torchrun():
+            atexit._run_exitfuncs()  # the user's own exit handlers (a --model-factory module's) still run
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

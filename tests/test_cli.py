@@ -445,3 +445,18 @@ def test_split_dir_inside_the_data_root_is_refused(fixture_root, tmp_path, monke
     assert hash_tree(root) == before
     assert result.code == EXIT_USAGE
     assert "AUTOHDR_SPLIT_DIR" in result.error_line and "inside the data root" in result.error_line
+
+
+def test_the_command_runs_the_users_exit_handlers_before_it_leaves(tmp_path):
+    """``entry`` skips interpreter teardown with ``os._exit``, but a user module's ``atexit`` handlers
+    (a --model-factory module that flushes its own log) still run; without the call they would not."""
+    import subprocess
+    import sys
+    flag = tmp_path / "handler-ran"
+    (tmp_path / "usermod.py").write_text(
+        f"import atexit\natexit.register(lambda: open({str(flag)!r}, 'w').write('ran'))\n")
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import usermod; from autohdr.cli import entry; "
+            f"sys.argv = ['autohdr', 'judge', {str(tmp_path / 'no-such-run')!r}]; entry()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert flag.read_text() == "ran"
