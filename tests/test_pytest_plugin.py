@@ -33,8 +33,9 @@ GROUPS = '{ backbone = "features", param_head = "lens", residual_head = "refine"
 #: Tiny runs: 16 pairs, batch 8, the preset's 4 epochs (8 steps); the user's loop at 64x64, autohdr's
 #: Trainer at 96x96 (at 64x64 its 8 steps leave this model's residual slightly hurting: residual_helps BAD).
 TINY = '{{ "data.num_pairs" = 16, "data.resize_hw" = [{size}, {size}] }}'
-#: Signals unrelated to a detached residual or a zero learning rate: they must stay green.
-UNRELATED = ("finite", "batches_in_range", "init_is_identity", "clipping_sane", "param_head_not_saturated")
+#: Signals unrelated to a detached residual or a zero learning rate: they must stay green. (Not
+#: clipping_sane: it needs >= 8 steps, and fail fast stops these runs before that, so it is n/a.)
+UNRELATED = ("finite", "batches_in_range", "init_is_identity", "param_head_not_saturated")
 
 
 # ----------------------------------------------------------------------------- the user's dataset
