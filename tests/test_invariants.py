@@ -136,6 +136,10 @@ CAUSE_CASES = {
     "ranks_unsynced": ("stage2_hybrid", [tv.ranks_diverged], {"ranks_in_sync"}),
     "residual_wrong_units": ("stage3_finetune", [tv.residual_wrong_units], {"residual_contributes"}),
     "ignores_input": ("stage1_param_only", [tv.one_lens_for_all], {"beats_constant_lens"}),
+    # the same prediction for every image: exactly its own mean lens, no correlation defined
+    "ignores_input#constant": ("stage1_param_only", [tv.one_lens_for_all, lambda r: tv._edit(
+        r, "val_epoch", constant_lens_proxy_total=lambda v: v["val_proxy_total"], pred_gt_corr_k1=None)],
+        {"beats_constant_lens"}),
     # a frozen head that weight decay still moves: one fault, one cause
     "frozen_residual_head#weight-decay": ("stage2_hybrid", [tv.residual_frozen, lambda r: tv._edit(
         r, "train_step", param_delta_residual_head=1e-6)], {"groups_move_with_gradients", "residual_head_learning",

@@ -805,15 +805,18 @@ def _ignores_input(bad: dict[str, Verdict], run: RunFacts) -> list[Diagnosis]:
     if verdict is None or "beats_identity" in bad:
         return []
     ev = verdict.evidence
-    k1 = ev.get("param_corr_k1")
-    if not (isinstance(k1, (int, float)) and math.isfinite(k1) and k1 <= IGNORES_INPUT_MAX_CORR):
+    k1, delta, margin = ev.get("param_corr_k1"), ev.get("delta"), ev.get("margin")
+    if isinstance(k1, (int, float)) and math.isfinite(k1) and k1 <= IGNORES_INPUT_MAX_CORR:
+        follows = f", and its k1 correlates only {k1:+.2f} with the ground truth (healthy >= +0.57)"
+    elif k1 is None and delta == 0.0:
+        follows = " exactly (the same prediction for every image: no correlation with anything)"
+    else:
         return []  # no ground truth to tell, or the predictions do follow the images: not this cause
-    delta, margin = ev.get("delta"), ev.get("margin")
     versus = (f" (model - its mean lens {delta:+.4f}, needs +{margin:g})"
               if isinstance(delta, float) and isinstance(margin, float) else "")
     return _diagnosis("ignores_input", f"the model predicts about one lens for every image: it beats identity but "
-                      f"not its own mean lens{versus}, and its k1 correlates only {k1:+.2f} with the ground truth "
-                      f"(healthy >= +0.57): the parameter head does not see per-image features (features averaged "
+                      f"not its own mean lens{versus}{follows}: the parameter head does not see per-image features "
+                      "(features averaged "
                       "over the batch, constant or detached features, a frozen backbone)", bad,
                       ("beats_constant_lens", "params_track_ground_truth"),
                       "val_epoch constant_lens_proxy_total vs val_proxy_total; pred_gt_corr_k1",
@@ -925,9 +928,9 @@ RULES: tuple[Rule, ...] = (_data_out_of_range, _pairs_mismatched, _batch_repeats
                            _lr_schedule_zero, _group_lr_zero, _update_skipped, _optimizer_hparams, _loss_weights_off,
                            _regularizers_swamp_loss, _loop_validation_train_mode, _resume_wrong_weights, _diverged,
                            _lr_saturates_head, _clip_too_tight, _frozen_group, _optimizer_mismatch,
-                           _val_random, _eval_differs, _train_val_disagree, _residual_hurts, _wrong_lens, _metric_wiring,
-                           _data_bound, _init_not_identity, _saturated_from_start, _ranks_unsynced,
-                           _residual_wrong_units, _ignores_input)
+                           _val_random, _eval_differs, _train_val_disagree, _residual_hurts, _ignores_input,
+                           _wrong_lens, _metric_wiring, _data_bound, _init_not_identity, _saturated_from_start,
+                           _ranks_unsynced, _residual_wrong_units)
 
 
 def diagnose(verdicts: list[Verdict], history: pd.DataFrame, *, reference_lr: float | None = None) -> list[Diagnosis]:
