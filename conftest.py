@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.plugins.data_fixtures",
     "tests.plugins.debug_runs",
     "tests.plugins.gpu",
+    "tests.plugins.threads",
 ]

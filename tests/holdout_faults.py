@@ -38,9 +38,11 @@ from autohdr.lens.losses import LossWeights
 from autohdr.lens.model import LensCorrectionModel
 from autohdr.training.config import to_dict
 
-#: The smallest size that still trains: 8 pairs at 64 px in batches of 4 (2 steps an epoch).
+#: The smallest size that still trains: 8 pairs at 64 px in batches of 4 (2 steps an epoch), at the lr
+#: the hold-out was measured with (3e-3: the overfit preset's lr until it moved to 6e-3 for its 480-step
+#: run; at 8-12 steps 6e-3 overshoots, so the healthy controls no longer beat their own mean lens).
 SMALL: dict[str, Any] = {"data.num_pairs": 8, "data.resize_hw": [64, 64], "data.batch_size": 4,
-                         "train.validate_every": 1}
+                         "train.validate_every": 1, "train.lr": 3e-3}
 
 
 # ------------------------------------------------------------------------------------------ models

@@ -39,11 +39,16 @@ RESIDUAL_SIGNALS = ("residual_contributes", "residual_head_learning", "residual_
 #: Residual signals that compare the residual's effect; off (n/a) in stage 1 like RESIDUAL_SIGNALS.
 RESIDUAL_EFFECT_SIGNALS = ("residual_helps", "eval_residual_matches_train", "eval_flow_matches_train")
 SINGLE_PROCESS_NA = ("ranks_in_sync",)
+#: Signals of a user's own loop that autohdr's Trainer never has: it optimizes one param group (nothing
+#: to compare a group's lr with) and validates only through the hooks (no loop validation of its own).
+#: Proven red and green on the attached competition-shaped loop (tests/test_attach.py).
+USER_LOOP_ONLY = {"group_lr_not_negligible": "residual_group_lr_zero",
+                  "loop_validation_in_eval_mode": "validate_without_eval"}
 
 
 def expected_good(spec: RunSpec) -> list[str]:
     """Signals a healthy run of this mode must judge good (the rest do not apply to it)."""
-    skip = set(SINGLE_PROCESS_NA)
+    skip = set(SINGLE_PROCESS_NA) | set(USER_LOOP_ONLY)
     if spec.mode == "overfit_stage1":
         skip |= set(RESIDUAL_SIGNALS) | set(RESIDUAL_EFFECT_SIGNALS)
     else:
@@ -62,6 +67,13 @@ def _good_cases():
 def test_good_signal(debug_run, spec, signal):
     verdict = debug_run(spec).verdict(signal)
     assert verdict.ok is True, f"{signal}: {verdict.detail} {verdict.evidence}"
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=MODE_MARKS[s.mode], id=s.name) for s in HEALTHY])
+def test_user_loop_signals_say_why_they_do_not_apply_to_the_trainer(debug_run, spec):
+    for signal in USER_LOOP_ONLY:
+        verdict = debug_run(spec).verdict(signal)
+        assert verdict.ok is None and verdict.detail, (signal, verdict.detail)
 
 
 @pytest.mark.parametrize("spec", [pytest.param(s, marks=MODE_MARKS[s.mode], id=s.name) for s in HEALTHY])
@@ -377,7 +389,11 @@ def test_every_bad_signal_has_a_fault_and_a_healthy_counterpart():
     """Coverage of the proof: each signal fires on some fault and is green on some healthy run."""
     fired = {signal for fault in FAULTS for signal in fault.fires}
     fired |= set(PROVEN_BY_HOLDOUT)  # the invariants: red on their hold-out fault (tests/test_holdout.py)
-    green = {signal for spec in HEALTHY for signal in expected_good(spec)}
+    fired |= set(USER_LOOP_ONLY)  # red on the attached loop's faults (tests/test_attach.py LOOP_FAULTS)
+    green = {signal for spec in HEALTHY for signal in expected_good(spec)} | set(USER_LOOP_ONLY)
+    from tests.test_attach import LOOP_FAULTS
+    for signal, fault in USER_LOOP_ONLY.items():
+        assert LOOP_FAULTS[fault][1] == signal, (signal, fault)
     distributed_only = set(SINGLE_PROCESS_NA)  # proven in tests/test_distributed.py
     assert set(SIGNALS) - distributed_only <= fired, set(SIGNALS) - distributed_only - fired
     assert set(SIGNALS) - distributed_only <= green, set(SIGNALS) - distributed_only - green

@@ -1207,8 +1207,10 @@ def loop_validation_in_eval_mode(history: pd.DataFrame, cfg: JudgeConfig) -> Ver
     forwards = _column(records, "loop_val_forwards")
     if forwards is None:
         return Verdict("loop_validation_in_eval_mode", None, "the loop has no validation of its own (not attached)")
-    train_mode = numeric_series(records["loop_val_train_mode_forwards"]).fillna(0) \
+    forwards = forwards.where(np.isfinite(forwards))  # a count that is not finite says nothing
+    train_mode = numeric_series(records["loop_val_train_mode_forwards"]) \
         if "loop_val_train_mode_forwards" in records else pd.Series(0.0, index=records.index)
+    train_mode = train_mode.where(np.isfinite(train_mode)).fillna(0)
     bad = records[train_mode > 0]
     evidence = {"validations": int(len(records)), "forwards": int(forwards.sum()),
                 "train_mode_forwards": int(train_mode.sum()), "validations_in_train_mode": int(len(bad)),
