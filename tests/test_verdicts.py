@@ -1029,3 +1029,15 @@ class TestJudgeIO:
         # the verdict column is aligned: every mark starts at the same offset
         width = max(len(s) for s in SIGNALS)
         assert all(line[width + 2:width + 9].strip() in {"GOOD", "BAD", "n/a"} for line in lines[2:])
+
+
+def test_evidence_of_a_run_whose_weights_never_move_is_json_without_nan():
+    """lr 0: no step moves the weights, so there is no typical step change; the evidence says None
+    (NaN would make report.json invalid JSON and never compare equal to itself)."""
+    from autohdr.diagnosis.verdicts import weights_continue_across_epochs
+    steps = pd.DataFrame({"kind": ["train_step"] * 4, "step": [1, 2, 3, 4], "epoch": [0, 0, 1, 1],
+                          "weights_jump_before_epoch": [None, None, 0.0, None],
+                          "param_delta_backbone": [0.0] * 4, "param_delta_param_head": [0.0] * 4})
+    verdict = weights_continue_across_epochs(steps, JudgeConfig())
+    assert verdict.ok is True and verdict.evidence["typical_step_change"] is None
+    json.dumps(verdict.evidence, allow_nan=False)

@@ -1237,12 +1237,13 @@ def weights_continue_across_epochs(history: pd.DataFrame, cfg: JudgeConfig) -> V
     moved = jumps[jumps > cfg.weights_jump_max]
     deltas = [c for c in steps.columns if c.startswith("param_delta_")]
     step_norm = steps[deltas].apply(numeric_series).fillna(0.0).pow(2).sum(axis=1).pow(0.5) if deltas else None
-    typical = float(step_norm[step_norm > 0].median()) if step_norm is not None and (step_norm > 0).any() else math.nan
+    # None (not NaN) when no step moved the weights: evidence is compared and written as JSON
+    typical = float(step_norm[step_norm > 0].median()) if step_norm is not None and (step_norm > 0).any() else None
     epochs = [_as_int(steps.loc[i, "epoch"], None) for i in moved.index]
     evidence = {"epoch_starts_compared": int(len(jumps)), "jumped_epochs": epochs,
                 "largest_jump": float(jumps.max()), "typical_step_change": typical}
     if len(moved):
-        times = f" ({float(moved.max()) / typical:.3g}x a typical step's change)" if typical > 0 else ""
+        times = f" ({float(moved.max()) / typical:.3g}x a typical step's change)" if typical else ""
         return Verdict("weights_continue_across_epochs", False,
                        f"the weights changed by {float(moved.max()):.4g}{times} between epochs with no optimizer step, "
                        f"at the start of epoch(s) {epochs}: something between epochs loads or edits them", evidence)
