@@ -33,20 +33,12 @@ from tests import faults  # noqa: E402
 from tests.hand_loop import train_by_hand  # noqa: E402
 
 # Lightning 2.6's own pytree helper, under torch 2.13 (not autohdr's code)
-pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*is deprecated")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*is deprecated"),
+              pytest.mark.usefixtures("one_torch_thread")]  # tests/plugins/threads.py
 
 #: stage2_probe on 8 pairs at 64 px, batches of 4: 2 steps an epoch, 4 epochs (both loops alike)
 TINY = {"data.num_pairs": 8, "data.resize_hw": [64, 64], "data.batch_size": 4}
 HEADS = ("backbone", "param_head", "residual_head")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These runs are tiny: one thread each (a 2-core machine runs two xdist workers), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------- the user's code

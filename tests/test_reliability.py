@@ -50,13 +50,7 @@ TINY = ["--device", "cpu", "--epochs", "2", "--set", "data.num_pairs=4", "--set"
 STEPS_PER_EPOCH = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the runs are tiny, and under ``-n 2`` two workers share 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/plugins/threads.py
 
 
 def train_cli(data_root: Path, out: Path, *extra) -> CliResult:

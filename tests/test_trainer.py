@@ -102,13 +102,7 @@ def load_weights_only(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------- runs
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread per process: runs are tiny, and under ``-n 2`` two workers share 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/plugins/threads.py
 
 
 @pytest.fixture(scope="module")

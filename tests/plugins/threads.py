@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 
 def threads_per_worker(cores: int, workers: int) -> int:
     """The intra-op threads each of ``workers`` processes gets on ``cores`` cores (at least 1)."""
@@ -27,3 +29,14 @@ def pytest_configure(config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny runs (restored after): thread start-up costs more than
+    it saves at these sizes. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
