@@ -14,6 +14,7 @@ import json
 import pytest
 
 from tests.holdout_faults import HEALTHY_CONTROLS, HOLDOUT, bad_of, run_holdout
+from tests.plugins.debug_runs import once_per_session
 
 #: fault name -> (caught, right cause) as the diagnosis stands; a fault not listed must be both.
 KNOWN_MISSES: dict[str, str] = {
@@ -43,14 +44,18 @@ PROVEN_BY_HOLDOUT: dict[str, str] = {
     "loss_not_regularizer_bound": "regularizer_weights_x1000",
 }
 
+#: fault name -> its :class:`~tests.holdout_faults.HoldoutResult` as a dict, as read by this process.
 _RESULTS: dict[str, dict] = {}
 
 
 def _result(name: str, tmp_path_factory) -> dict:
+    """The fault's result, trained once per session: under pytest-xdist the first worker to ask trains
+    it and stores it (``once_per_session``); the fault's own test, the invariant tests and the tally in
+    any worker read that one result instead of training the fault again."""
     if name not in _RESULTS:
         fault = next(f for f in HOLDOUT if f.name == name)
-        result = run_holdout(fault, tmp_path_factory.mktemp(name))
-        _RESULTS[name] = result.__dict__
+        _RESULTS[name], _ = once_per_session(tmp_path_factory, "holdout", name,
+                                             lambda folder: run_holdout(fault, folder).__dict__)
     return _RESULTS[name]
 
 
