@@ -15,6 +15,7 @@ from PIL import Image, JpegImagePlugin
 from autohdr import data as data_mod
 from autohdr.data import (DataError, PairDataset, load_image, make_loader, prepare_overfit_split, read_split_csv,
                           scan_pairs, select_pairs, train_val_split, validate_pairs, write_split_csv)
+from autohdr.data.dataset import DecodedImages
 from autohdr.lens.geometry import PARAM_NAMES, brown_conrady_grid, folded_fraction, warp
 from autohdr.lens.model import DEFAULT_PARAM_BOUNDS
 from tests.helpers_data import copy_pairs, gradient_rgb, load_script, save, truncate, write_pair
@@ -465,6 +466,54 @@ class TestPairDataset:
             PairDataset(fixture_rows.iloc[:0])
         with pytest.raises(DataError, match=r"missing column\(s\) \['target_path'\]"):
             PairDataset(fixture_rows[["image_id", "input_path"]])
+
+
+class TestDecodedImages:
+    def test_items_are_those_decoded_each_time_and_each_file_is_decoded_once(self, fixture_rows, monkeypatch):
+        rows = fixture_rows.iloc[:6]
+        expected = [PairDataset(rows, (64, 64))[i] for i in range(len(rows))]
+        decoded = DecodedImages(1 << 20)
+        kept = PairDataset(rows, (64, 64), decoded=decoded)
+        decoded_paths = []
+        real = data_mod.dataset._decode
+        monkeypatch.setattr(data_mod.dataset, "_decode", lambda *a, **k: decoded_paths.append(a[0]) or real(*a, **k))
+        for _ in range(3):
+            for i in range(len(rows)):
+                for key in ("input_image", "target_image"):
+                    assert torch.equal(kept[i][key], expected[i][key]), (i, key)
+        assert sorted(decoded_paths) == sorted([*rows.input_path, *rows.target_path])  # once each
+        assert len(decoded) == 12 and decoded.held_bytes == 12 * 3 * 64 * 64 * 4
+
+    def test_flips_still_change_per_epoch(self, fixture_rows):
+        rows = fixture_rows.iloc[:16]
+        plain = PairDataset(rows, (64, 64), hflip=True, seed=3)
+        kept = PairDataset(rows, (64, 64), hflip=True, seed=3, decoded=DecodedImages(1 << 30))
+        for epoch in (0, 1):
+            plain.set_epoch(epoch), kept.set_epoch(epoch)
+            for i in range(len(rows)):
+                assert torch.equal(kept[i]["input_image"], plain[i]["input_image"]), (epoch, i)
+
+    def test_past_its_bound_images_are_decoded_each_time(self, fixture_rows):
+        one_image = 3 * 64 * 64 * 4
+        decoded = DecodedImages(3 * one_image)
+        dataset = PairDataset(fixture_rows.iloc[:4], (64, 64), decoded=decoded)
+        for i in range(4):
+            dataset[i]
+        assert len(decoded) == 3 and decoded.held_bytes == 3 * one_image
+        assert torch.equal(dataset[3]["target_image"], PairDataset(fixture_rows.iloc[:4], (64, 64))[3]["target_image"])
+        with pytest.raises(ValueError, match="max_bytes must be >= 0, got -1"):
+            DecodedImages(-1)
+
+    def test_debug_loaders_share_one_memory_between_train_and_val(self, fixture_rows):
+        from autohdr.runs.debug import build_loaders
+        from autohdr.runs.presets import load_preset
+        data = load_preset("overfit_stage1").data
+        train, val = build_loaders(fixture_rows.iloc[:8], fixture_rows.iloc[:8], data, seed=0)
+        assert train.dataset.decoded is val.dataset.decoded is not None
+        list(train)
+        held = len(train.dataset.decoded)
+        list(val)
+        assert held == 16 and len(val.dataset.decoded) == 16  # val found every pair already decoded
 
 
 class TestValidatePairs:

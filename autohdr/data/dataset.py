@@ -170,6 +170,41 @@ def _decode(path: str | Path, resize_hw: tuple[int, int] | None, draft: bool,
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), stored_size
 
 
+class DecodedImages:
+    """Decoded images kept in memory, so a small subset trained for many epochs is decoded once.
+
+    Holds what :func:`_decode` returns (a ``(3, H, W)`` float32 tensor and the stored size) per
+    ``(path, resize_hw, draft)`` until ``max_bytes`` of pixels are held; later images are decoded each
+    time they are asked for. One instance may serve several datasets (the overfit modes' train and
+    val sets are the same pairs). The files are only read; a worker process gets its own copy.
+    Callers must not write into the returned tensor (the loader's collate stacks a copy).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.held_bytes = 0
+        self._images: dict[tuple[str, tuple[int, int] | None, bool], tuple[torch.Tensor, tuple[int, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def decode(self, path: str | Path, resize_hw: tuple[int, int] | None, draft: bool,
+               min_side: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+        """:func:`_decode`, from memory when this image was decoded before."""
+        key = (str(path), resize_hw, draft)
+        held = self._images.get(key)
+        if held is not None:
+            return held
+        decoded = _decode(path, resize_hw, draft, min_side)
+        size = decoded[0].numel() * decoded[0].element_size()
+        if self.held_bytes + size <= self.max_bytes:
+            self._images[key] = decoded
+            self.held_bytes += size
+        return decoded
+
+
 def image_orientation(path: str | Path) -> int:
     """The EXIF orientation (1-8) of the image file ``path`` (header only)."""
     with open_image(path) as img:
@@ -343,10 +378,13 @@ class PairDataset:
     horizontally, for about half the samples; the choice is a function of ``(seed, epoch, index)``
     only, so it is the same in every worker process. Call :meth:`set_epoch` to draw new flips per
     epoch (with persistent workers, only before the workers start).
+
+    ``decoded`` (a :class:`DecodedImages`) keeps decoded images in memory across epochs; flips are
+    applied after it, so they still change per epoch.
     """
 
     def __init__(self, rows: pd.DataFrame, resize_hw: tuple[int, int] | None = None, hflip: bool = False,
-                 seed: int = 0, *, draft: bool = True) -> None:
+                 seed: int = 0, *, draft: bool = True, decoded: DecodedImages | None = None) -> None:
         _check_columns(rows, "pair table")
         if len(rows) == 0:
             raise DataError("PairDataset needs at least one pair, got an empty table")
@@ -360,6 +398,7 @@ class PairDataset:
         self.hflip = bool(hflip)
         self.seed = int(seed)
         self.draft = bool(draft)
+        self.decoded = decoded
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -377,8 +416,9 @@ class PairDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self))[index]  # IndexError past the end; negative indices allowed
-        inp, inp_size = _decode(self.input_paths[index], self.resize_hw, self.draft, MIN_IMAGE_SIDE)
-        tgt, tgt_size = _decode(self.target_paths[index], self.resize_hw, self.draft, MIN_IMAGE_SIDE)
+        decode = self.decoded.decode if self.decoded is not None else _decode
+        inp, inp_size = decode(self.input_paths[index], self.resize_hw, self.draft, MIN_IMAGE_SIDE)
+        tgt, tgt_size = decode(self.target_paths[index], self.resize_hw, self.draft, MIN_IMAGE_SIDE)
         if inp_size != tgt_size:
             raise DataError(f"{self.input_paths[index]} ({inp_size[0]}x{inp_size[1]}) and "
                             f"{self.target_paths[index]} ({tgt_size[0]}x{tgt_size[1]}): input and target "

@@ -10,6 +10,8 @@ signals in stage 1, or the data to judge is missing).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -92,10 +94,33 @@ class JudgeConfig:
 NOT_JUDGED_ERROR = "not judged: this history breaks the signal"
 
 
+#: While :func:`judge` runs: (the history it judges, kind -> that history's rows of the kind). Every
+#: signal selects its rows by kind, 51 times per judgement; selecting each kind once made a whole
+#: judgement ~40 % cheaper. Keyed by the frame's identity, so a frame a signal derives is never served
+#: another frame's rows; the signals only read the rows they are given.
+_ROWS_OF_JUDGED: contextvars.ContextVar[tuple[pd.DataFrame, dict[str, pd.DataFrame]] | None] = \
+    contextvars.ContextVar("autohdr_rows_of_judged", default=None)
+
+
+@contextlib.contextmanager
+def _rows_selected_once(history: pd.DataFrame):
+    token = _ROWS_OF_JUDGED.set((history, {}))
+    try:
+        yield
+    finally:
+        _ROWS_OF_JUDGED.reset(token)
+
+
 def _rows(history: pd.DataFrame, kind: str) -> pd.DataFrame:
     if "kind" not in history.columns:
         return history.iloc[0:0]
-    return history[history["kind"] == kind]
+    judged = _ROWS_OF_JUDGED.get()
+    if judged is None or judged[0] is not history:
+        return history[history["kind"] == kind]
+    by_kind = judged[1]
+    if kind not in by_kind:
+        by_kind[kind] = history[history["kind"] == kind]
+    return by_kind[kind]
 
 
 def _is_number(value: Any) -> bool:
@@ -1300,7 +1325,8 @@ def judge(history: pd.DataFrame | str, cfg: JudgeConfig | None = None) -> list[V
         history = read_metrics(history)
     history = numeric_history(history)
     cfg = cfg or JudgeConfig()
-    with np.errstate(all="ignore"):  # inf - inf and the like in a diverged run's figures: no RuntimeWarning
+    # inf - inf and the like in a diverged run's figures: no RuntimeWarning
+    with np.errstate(all="ignore"), _rows_selected_once(history):
         return [_judge_one(name, fn, history, cfg) for name, fn in SIGNALS.items()]
 
 
