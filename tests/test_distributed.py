@@ -7,6 +7,13 @@
   statistics kept per rank (``ddp_broadcast_buffers=false``), so the ranks' models drift apart;
   the same batch-norm model with DDP's default buffer broadcast stays green.
 * Only rank 0 writes: one metrics file, one report, and checkpoints that load in one process.
+
+The runs train 16 pairs at 64 px (``SMALL``), not the preset's 32 at 128 px (half the CPU; at this size
+about half of what is left is starting the three processes). The size proves as much:
+each rank's batch-norm running statistics come from its own shard from the first step on, so an
+unsynchronized run's checksums differ at every validation at any size; the healthy comparison is
+with the one-rank run of the same configuration (``ONE_RANK``). 4 epochs of 2 steps keep the 8
+steps that ``not_data_bound``, ``clipping_sane`` and ``residual_helps`` need to be judged.
 """
 
 from __future__ import annotations
@@ -28,7 +35,11 @@ from tests.plugins.debug_runs import RunSpec, once_per_session
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_RANK = RunSpec("healthy-stage2-128px", "stage2_probe")  # shared with test_diagnostics.py
+#: The torchrun runs' size: 16 pairs at 64 px, 2 steps of a global batch of 8 per epoch.
+SMALL_DATA: tuple[tuple[str, object], ...] = (("data.resize_hw", [64, 64]), ("data.num_pairs", 16))
+SMALL = tuple(arg for key, value in SMALL_DATA for arg in ("--set", f"{key}={json.dumps(value)}"))
+#: The healthy two-rank run's one-rank counterpart: the same data, one batch of 8 instead of two of 4.
+ONE_RANK = RunSpec("healthy-stage2-64px-16pairs", "stage2_probe", overrides=SMALL_DATA)
 
 
 def run_torchrun(out_dir: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -57,12 +68,12 @@ def _torchrun_once(tmp_path_factory, name: str, *args: str):
 
 @pytest.fixture(scope="module")
 def two_rank_healthy(tmp_path_factory):
-    return _torchrun_once(tmp_path_factory, "ddp-healthy", "stage2_probe", "--set", "data.batch_size=4")
+    return _torchrun_once(tmp_path_factory, "ddp-healthy", "stage2_probe", *SMALL, "--set", "data.batch_size=4")
 
 
 @pytest.fixture(scope="module")
 def two_rank_unsynced(tmp_path_factory):
-    return _torchrun_once(tmp_path_factory, "ddp-unsynced", "stage2_probe", "--set", "data.batch_size=4",
+    return _torchrun_once(tmp_path_factory, "ddp-unsynced", "stage2_probe", *SMALL, "--set", "data.batch_size=4",
                           "--set", "train.validate_every=2", "--model-factory", "tests.faults:BatchNormParamHead",
                           "--set", "train.ddp_broadcast_buffers=false")
 
@@ -70,7 +81,7 @@ def two_rank_unsynced(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_rank_batchnorm_synced(tmp_path_factory):
     """The same batch-norm model with DDP's default buffer broadcast: the healthy counterpart."""
-    return _torchrun_once(tmp_path_factory, "ddp-bn-synced", "stage2_probe", "--set", "data.batch_size=4",
+    return _torchrun_once(tmp_path_factory, "ddp-bn-synced", "stage2_probe", *SMALL, "--set", "data.batch_size=4",
                           "--set", "train.validate_every=2", "--model-factory", "tests.faults:BatchNormParamHead")
 
 
@@ -148,7 +159,8 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """Rank 1 alone gets SIGTERM: the request travels with the step's all-reduce, so both ranks stop
     after step 3 and rank 0 saves interrupted.pt; a rank stopping alone would leave the other hanging
     in its next collective until the timeout."""
-    result = run_torchrun(tmp_path, "stage2_probe", "--set", "data.batch_size=4",
+    # 64 px for less compute per step; the preset's 32 pairs keep step 3 inside the first epoch
+    result = run_torchrun(tmp_path, "stage2_probe", "--set", "data.resize_hw=[64,64]", "--set", "data.batch_size=4",
                           "--model-factory", "tests.cli_factories:sigterm_on_rank_one")
     report = _report(result, tmp_path)
     assert report["interrupted"] is True and result.returncode != 0
