@@ -107,11 +107,29 @@ def plant_zero_lr(pytester: pytest.Pytester) -> None:
     loop.write_text(loop.read_text().replace("LR_FACTOR = 1.0", "LR_FACTOR = 0.0"))
 
 
-def run_signals(pytester: pytest.Pytester, *args: str) -> "SignalResults":
-    """``pytest ARGS`` in a subprocess (a second in-process run would re-import torch's lazily imported
-    modules, which pytester unloads after each run, and torch refuses to register them twice)."""
+@pytest.fixture(scope="module", autouse=True)
+def modules_kept_across_inline_runs() -> None:
+    """Imported here, before any in-process run: pytester unloads the modules a run imports when it
+    ends, and torch refuses to register the lazily imported ``torch._dynamo`` (pulled in by the first
+    optimizer) a second time. Imported once here they stay loaded, so in-process runs can train; the
+    hypothesis plugin's end-of-session import and autohdr's run modules are kept for the same reason
+    (each in-process run re-imported and re-compiled them: ~0.7 s CPU per run)."""
+    import torch._dynamo  # noqa: F401
+    import hypothesis.internal.observability  # noqa: F401
+    import autohdr.runs.debug  # noqa: F401
+    import autohdr.training.trainer  # noqa: F401
+    import autohdr.attachment  # noqa: F401
+
+
+def run_signals(pytester: pytest.Pytester, *args: str, subprocess: bool = False) -> "SignalResults":
+    """``pytest ARGS`` in this process (no second torch import: ~3 s CPU less per run), or in a
+    subprocess with ``subprocess``. The base temp is put under the repository, where a subprocess run
+    puts it, so the shared run's files are found in the same place either way."""
     report = pytester.path / "junit.xml"
-    result = pytester.runpytest_subprocess(f"--junitxml={report}", *args)
+    if subprocess:
+        result = pytester.runpytest_subprocess(f"--junitxml={report}", *args)
+    else:
+        result = pytester.runpytest(f"--junitxml={report}", f"--basetemp={pytester.path / 'basetemp'}", *args)
     return SignalResults(result, ElementTree.parse(report))
 
 
@@ -285,7 +303,7 @@ class TestSignalsOfTheUsersPipeline:
                     log.write(str(run_dir) + "\\n")
                 users_train(run_dir, settings)
         """)
-        run = run_signals(pytester, "-n", "2", "-m", "stage2_probe")
+        run = run_signals(pytester, "-n", "2", "-m", "stage2_probe", subprocess=True)  # xdist workers are processes anyway
         assert set(run.outcome) == set(SIGNALS)
         assert run.failed() == [], run.result.stdout.str()
         assert len(calls.read_text().splitlines()) == 1  # one run, shared by both workers
