@@ -129,7 +129,10 @@ def run_signals(pytester: pytest.Pytester, *args: str, subprocess: bool = False)
     if subprocess:
         result = pytester.runpytest_subprocess(f"--junitxml={report}", *args)
     else:
-        result = pytester.runpytest(f"--junitxml={report}", f"--basetemp={pytester.path / 'basetemp'}", *args)
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # the inner run is not a worker
+                env.delenv(name, raising=False)
+            result = pytester.runpytest(f"--junitxml={report}", f"--basetemp={pytester.path / 'basetemp'}", *args)
     return SignalResults(result, ElementTree.parse(report))
 
 
