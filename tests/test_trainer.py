@@ -26,7 +26,7 @@ from autohdr.lens.evaluation import PROXY_KEYS
 from autohdr.lens.losses import LOSS_TERMS, RESIDUAL_TERMS
 from autohdr.diagnosis.metrics_log import read_metrics
 from autohdr.lens.model import LensCorrectionModel, ModelConfig
-from autohdr.training.trainer import NonFiniteLossError, cosine_lr_factor
+from autohdr.training.trainer import NonFiniteLossError, Trainer, cosine_lr_factor
 from tests import faults
 from tests.helpers_trainer import (
     BATCH, CLOCK_FIELDS, PERF_FIELDS, STEPS_PER_EPOCH, TEST_WEIGHTS, FailingLoader, GlobalParamsOnly, NaNAfter,
@@ -741,10 +741,16 @@ def test_validation_interval_is_capped_so_a_run_validates_at_least_four_times(ep
     assert len([e for e in range(epochs) if (e + 1) % interval == 0 or e == epochs - 1]) >= min(4, epochs)
 
 
-def test_validate_every_validates_on_those_epochs_and_the_last(runs_dir):
+def test_validate_every_validates_on_those_epochs_and_the_last(runs_dir, monkeypatch):
     """8 epochs validated every 2: epochs 2, 4, 6, 8 (1-based); best.pt comes from one of them;
-    every epoch still trains and saves last.pt, and training is the same as validating every epoch."""
+    last.pt is written with each validation; every epoch still trains, and training is the same as
+    validating every epoch."""
+    saved = []
+    real_save = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self, name: saved.append((self.epoch, name)) or real_save(self, name))
     sparse = train(runs_dir / "every-2", config("stage1_param_only", epochs=8, validate_every=2))
+    assert [epoch for epoch, name in saved if name == "last.pt"] == [1, 3, 5, 7]
+    assert {epoch for epoch, name in saved if name == "best.pt"} <= {1, 3, 5, 7}
     dense = train(runs_dir / "every-1", config("stage1_param_only", epochs=8, validate_every=1))
     val = sparse.kind("val_epoch")
     assert val["epoch"].tolist() == [1, 3, 5, 7]

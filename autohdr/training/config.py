@@ -27,7 +27,7 @@ class TrainConfig:
     stage: str = "stage1_param_only"        # one of STAGES
     epochs: int = 4                          # passes over the training loader
     max_steps_per_epoch: int | None = None   # cap on optimizer steps per epoch (None: whole loader)
-    validate_every: int = 1                  # validate (and keep best.pt) every N epochs and after the last;
+    validate_every: int = 1                  # validate (and write last.pt, keep best.pt) every N epochs and after the last;
                                              # capped at epochs // 4, so a short run still validates 4 times
     lr: float = 2e-3                         # peak AdamW learning rate (times the stage's lr_scale)
     weight_decay: float = 1e-4               # AdamW decoupled weight decay
