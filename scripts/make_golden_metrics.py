@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/make_golden_metrics.py            # all runs (about 30 s on one thread)
     .venv/bin/python scripts/make_golden_metrics.py --check    # compare with the fixture, write nothing
+    .venv/bin/python scripts/make_golden_metrics.py --runs attach_competition   # that run only; the rest kept
 
 The fixture pins what ``metrics.jsonl`` holds; ``tests/test_observers.py`` fails on any change to a
 record. Regenerate it only for a change of the records that is meant (and say so in the commit),
@@ -40,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
                     for d in golden_runs.differences(stored["runs"][name], runs[name])]
         print("\n".join(problems) or "same records", file=sys.stderr)
         return 1 if problems else 0
-    payload = {"environment": golden_runs.environment(), "runs": runs}
+    # runs not asked for keep their stored records and environment; a bf16 run stores its own environment
+    payload = (json.loads(golden_runs.FIXTURE.read_text(encoding="utf-8")) if golden_runs.FIXTURE.is_file()
+               else {"environment": golden_runs.environment(), "runs": {}})
+    if set(args.runs) >= set(golden_runs.RUNS) - golden_runs.BF16_RUNS:
+        payload["environment"] = golden_runs.environment()
+    payload["runs"] = {name: runs.get(name, payload["runs"].get(name)) for name in golden_runs.RUNS}
+    payload["run_environments"] = {name: environment for name, environment in
+                                   payload.get("run_environments", {}).items() if name not in runs}
+    payload["run_environments"].update({name: golden_runs.environment(name) for name in runs
+                                        if name in golden_runs.BF16_RUNS})
     golden_runs.FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     golden_runs.FIXTURE.write_text(json.dumps(payload, allow_nan=True, separators=(",", ":")) + "\n",
                                    encoding="utf-8")

@@ -27,7 +27,10 @@ observer):
 
 Floats are only bit-reproducible on the same software and CPU kind, so the fixture stores where
 it was made (:func:`environment`); elsewhere the test checks the records' structure (kinds, keys,
-types) and says why it left the values out.
+types) and says why it left the values out. A run under bf16 autocast (:data:`BF16_RUNS`) also
+depends on the CPU's bf16 instructions (oneDNN picks its bf16 kernels by them: the attached loop's
+second step differs in the 5th digit between a CPU with and one without ``avx512_bf16``, and again
+under ``ONEDNN_MAX_CPU_ISA=AVX2``), so its environment names them too and is stored per run.
 """
 
 from __future__ import annotations
@@ -62,12 +65,39 @@ def read_records(run_dir: Path) -> list[dict]:
     return [strip_clock(json.loads(line)) for line in text.splitlines() if line.strip()]
 
 
-def environment() -> dict[str, str]:
-    """What bit-exact floats depend on: the libraries that compute them and the CPU's vector ISA."""
+#: Runs under bf16 autocast: their floats also depend on the CPU's bf16 instructions.
+BF16_RUNS = frozenset({"attach_competition"})
+#: The CPU flags oneDNN's bf16 kernels are chosen by (Linux /proc/cpuinfo names).
+BF16_CPU_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_bf16_flags() -> str:
+    """The CPU's bf16-related flags, comma-joined (``"none"``; ``"unknown"`` without /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown"
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), []))
+    return ",".join(flag for flag in BF16_CPU_FLAGS if flag in flags) or "none"
+
+
+def environment(run_name: str | None = None) -> dict[str, str]:
+    """What bit-exact floats depend on: the libraries that compute them and the CPU's vector ISA
+    (and, for a run of :data:`BF16_RUNS`, its bf16 instructions)."""
     import numpy
     import skimage
-    return {"torch": torch.__version__, "numpy": numpy.__version__, "scikit-image": skimage.__version__,
+    here = {"torch": torch.__version__, "numpy": numpy.__version__, "scikit-image": skimage.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
+    if run_name in BF16_RUNS:
+        here["cpu_bf16_flags"] = cpu_bf16_flags()
+    return here
+
+
+def stored_environment(golden: dict, run_name: str) -> dict[str, str]:
+    """Where the fixture's ``run_name`` was made: its own entry in ``run_environments`` if it has
+    one, else the fixture's ``environment``."""
+    return golden.get("run_environments", {}).get(run_name, golden["environment"])
 
 
 @contextmanager
