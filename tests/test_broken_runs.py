@@ -24,7 +24,7 @@ from autohdr import cli
 from autohdr.diagnosis.causes import diagnose
 from autohdr.runs.debug import run_debug_mode
 from autohdr.diagnosis.metrics_log import MetricsWriter, read_metrics
-from autohdr.diagnosis.verdicts import NOT_JUDGED_ERROR, SIGNALS, format_table, judge
+from autohdr.diagnosis.verdicts import NOT_JUDGED_ERROR, SIGNALS, format_table, judge, numeric_history
 from autohdr.lens.model import LensCorrectionModel
 from tests.cli_factories import SMALL_CONFIG
 from tests.test_verdicts import healthy_records
@@ -99,20 +99,44 @@ def _numeric_fields(records: list[dict]) -> list[str]:
     return sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
+def _broken(base: list[dict], name: str, where: str, value) -> pd.DataFrame:
+    """``base`` with field ``name`` set to ``value`` on every record holding it (or the last one), as
+    the signals see it: numbers coerced (:func:`numeric_history`, as ``judge`` does first and
+    ``read_metrics`` does for ``"nan"`` strings)."""
+    records = copy.deepcopy(base)
+    holders = [r for r in records if name in r]
+    for record in holders if where == "every record" else holders[-1:]:
+        record[name] = value
+    return numeric_history(pd.DataFrame.from_records(records))
+
+
+def _seen_as(base: list[dict], name: str, where: str, value) -> tuple:
+    """What the signals can tell of field ``name`` once set to ``value`` (see :func:`_broken`): its
+    dtype and values after coercion (NaN compares equal here), built from that column alone."""
+    column = [{name: r[name]} if name in r else {} for r in base]
+    holders = [i for i, r in enumerate(base) if name in r]
+    for i in holders if where == "every record" else holders[-1:]:
+        column[i] = {name: value}
+    seen = numeric_history(pd.DataFrame.from_records(column))[name]
+    return str(seen.dtype), tuple(map(repr, seen))
+
+
 @pytest.mark.parametrize("value", ODD_VALUES, ids=repr)
 def test_every_signal_takes_a_non_finite_or_missing_value_in_any_field(value):
     """Each numeric field of a healthy stage-2 history, on every record or only the last one, set to
     ``value``: every signal still returns a verdict (no exception, no "breaks the signal" n/a), and the
-    table and the causes are written."""
+    table and the causes are written. A case the signals see exactly as an earlier value's (``None``
+    in a column of floats is NaN; ``"inf"`` is read back as inf) is that case, judged under that value."""
     base = healthy_records("stage2_hybrid")
-    broken = []
+    earlier = ODD_VALUES[:ODD_VALUES.index(value)] if value in ODD_VALUES else []
+    broken, judged = [], 0
     for name in _numeric_fields(base):
         for where in ("every record", "the last record"):
-            records = copy.deepcopy(base)
-            holders = [r for r in records if name in r]
-            for record in holders if where == "every record" else holders[-1:]:
-                record[name] = value
-            history = pd.DataFrame.from_records(records)
+            mine = _seen_as(base, name, where, value)
+            if any(_seen_as(base, name, where, other) == mine for other in earlier):
+                continue
+            judged += 1
+            history = _broken(base, name, where, value)
             verdicts = judge(history)
             assert [v.signal for v in verdicts] == list(SIGNALS)
             format_table(verdicts)
@@ -120,6 +144,20 @@ def test_every_signal_takes_a_non_finite_or_missing_value_in_any_field(value):
             broken += [f"{name} on {where}: {v.signal}: {v.detail}" for v in verdicts
                        if v.detail.startswith(NOT_JUDGED_ERROR)]
     assert not broken, "\n".join(broken)
+    assert judged or earlier, "nothing judged"
+
+
+def test_odd_values_the_signals_cannot_tell_apart_are_judged_once():
+    """What the dedup above relies on: ``None`` and the strings ``"nan"`` / ``"inf"`` reach the
+    signals as NaN / inf, and the one-column view is the whole history's column."""
+    base = healthy_records("stage2_hybrid")
+    for name in ("loss", "grad_norm_total"):
+        for where in ("every record", "the last record"):
+            seen = {repr(v): _seen_as(base, name, where, v) for v in ODD_VALUES}
+            assert seen["None"] == seen["'nan'"] == seen["nan"] != seen["inf"] == seen["'inf'"] != seen["-inf"]
+            for value in ODD_VALUES:
+                whole = _broken(base, name, where, value)[name]
+                assert (str(whole.dtype), tuple(map(repr, whole))) == seen[repr(value)]
 
 
 def test_a_signal_that_breaks_on_text_where_numbers_belong_says_so_and_the_rest_are_judged():
