@@ -180,3 +180,39 @@ def test_frozen_only_when_the_gradient_is_really_zero():
     assert causes[0] == "update_skipped" and not any(c.startswith("frozen_") for c in causes)
     hist = tv.history("stage1_param_only", tv.backbone_starved)
     assert [d.cause_id for d in diagnose(judge(hist), hist)] == ["frozen_backbone"]
+
+
+# ----------------------------------------------------------------------------- overfit minimum evidence
+
+OVERFIT_SIGNALS = ("beats_identity", "beats_constant_lens", "params_track_ground_truth")
+
+
+@pytest.mark.parametrize("epochs", [4, 11, 12])
+def test_overfit_signals_need_twelve_epochs_where_required(epochs):
+    """Healthy overfit runs lose to identity up to 4 epochs and to their own mean lens up to 8 (seeds 0-2):
+    below ``overfit_min_epochs`` the three overfit signals are n/a naming it; from it they are judged."""
+    cfg = JudgeConfig(overfit_min_epochs=12)
+    verdicts = {v.signal: v for v in judge(tv.frame(tv.healthy_records("stage1_param_only", epochs=epochs)), cfg)}
+    for signal in OVERFIT_SIGNALS:
+        if epochs < 12:
+            assert verdicts[signal].ok is None and verdicts[signal].evidence == {"min_epochs": 12, "epochs": epochs}
+        else:
+            assert "min_epochs" not in verdicts[signal].evidence, verdicts[signal]
+
+
+def test_the_guard_leaves_a_signal_that_is_not_required_alone():
+    cfg = JudgeConfig(overfit_min_epochs=12, require_beats_identity=False, require_beats_constant_lens=False)
+    verdicts = {v.signal: v for v in judge(tv.frame(tv.healthy_records("stage1_param_only")), cfg)}
+    assert all(verdicts[s].detail.startswith(("not required", "this mode is not expected")) for s in OVERFIT_SIGNALS)
+
+
+def test_an_overfit_intent_gets_the_guard_and_the_preset_sets_it():
+    from autohdr.diagnosis.run_intent import judge_config_for
+    from autohdr.diagnosis.verdicts import OVERFIT_MIN_EPOCHS
+    from autohdr.runs.presets import load_preset
+    records = tv.healthy_records("stage1_param_only")
+    assert OVERFIT_MIN_EPOCHS == 12 == load_preset("overfit_stage1").judge.overfit_min_epochs
+    assert load_preset("stage2_probe").judge.overfit_min_epochs == 0
+    for intent, expected in (("overfit", OVERFIT_MIN_EPOCHS), ("probe", 0)):
+        records[0] = {**records[0], "intent": intent}
+        assert judge_config_for(tv.frame(records)).overfit_min_epochs == expected, intent

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from autohdr.diagnosis.verdicts import JudgeConfig
+from autohdr.diagnosis.verdicts import OVERFIT_MIN_EPOCHS, JudgeConfig
 
 INTENTS: tuple[str, ...] = ("overfit", "probe", "training")
 
@@ -77,4 +77,6 @@ def judge_config_for(history: pd.DataFrame, base: JudgeConfig | None = None) -> 
     intent = info.get("intent")
     if intent is not None and "require_beats_constant_lens" not in recorded:
         cfg = dataclasses.replace(cfg, require_beats_constant_lens=intent == "overfit")
+    if intent == "overfit" and "overfit_min_epochs" not in recorded:
+        cfg = dataclasses.replace(cfg, overfit_min_epochs=OVERFIT_MIN_EPOCHS)
     return cfg

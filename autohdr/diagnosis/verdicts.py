@@ -65,6 +65,13 @@ class JudgeConfig:
     baseline_min_steps: int = 8             # beating identity / the constant lens / the residual-zeroed model
                                             # needs this many steps: healthy 1-4-step overfit runs lose to
                                             # identity (-31 % of the gap at 4), 8 steps beat both
+    # An overfit needs passes over its subset, not steps: below this many training epochs beats_identity,
+    # beats_constant_lens and params_track_ground_truth say n/a where they are required. Healthy overfit runs
+    # (seeds 0-2) lose to identity up to 4 epochs (16 pairs: -0.029; 32 pairs at 2: -0.05), to their own mean
+    # lens up to 8 (8 pairs: +0.006 < 0.01) and have k1 uncorrelated up to 10 (16 pairs); at 12 epochs every
+    # one passes all three. 0 (the default for hand-made histories): no guard; the overfit preset and an
+    # attached run of overfit intent use OVERFIT_MIN_EPOCHS.
+    overfit_min_epochs: int = 0
     timing_min_steps: int = 8               # data-time medians over fewer steps are mostly warm-up
     clipping_min_steps: int = 8             # a clipped share over fewer steps is one or two steps: healthy runs
                                             # clip up to 28 % of steps (stage 3 on photos, 16-32 steps), most at the
@@ -1342,6 +1349,22 @@ MIN_STEPS: dict[str, str] = {
 }
 
 
+#: The overfit signals: signal -> the JudgeConfig flag that requires it. Where required, below
+#: ``overfit_min_epochs`` training epochs (passes over the subset) they are ``n/a`` naming the number.
+MIN_EPOCHS: dict[str, str] = {"beats_identity": "require_beats_identity",
+                              "beats_constant_lens": "require_beats_constant_lens",
+                              "params_track_ground_truth": "require_beats_constant_lens"}
+#: What the overfit preset and an attached run of overfit intent use (see JudgeConfig.overfit_min_epochs).
+OVERFIT_MIN_EPOCHS = 12
+
+
+def _epochs_trained(history: pd.DataFrame) -> int | None:
+    """How many epochs the training steps span (distinct ``epoch`` values); ``None`` when not recorded."""
+    steps = _rows(history, "train_step")
+    epochs = _column(steps, "epoch")
+    return None if epochs is None else int(epochs.nunique())
+
+
 def _judge_one(name: str, fn: Callable[[pd.DataFrame, JudgeConfig], Verdict], history: pd.DataFrame,
                cfg: JudgeConfig) -> Verdict:
     """``fn(history, cfg)``; a signal that fails on a history it was not written for (text where numbers
@@ -1352,6 +1375,12 @@ def _judge_one(name: str, fn: Callable[[pd.DataFrame, JudgeConfig], Verdict], hi
         if have < needed:
             return Verdict(name, None, f"needs >= {needed} training steps to mean anything, got {have}",
                            {"min_steps": needed, "steps": have})
+    if name in MIN_EPOCHS and cfg.overfit_min_epochs and getattr(cfg, MIN_EPOCHS[name]):
+        epochs = _epochs_trained(history)
+        if epochs is not None and epochs < cfg.overfit_min_epochs:
+            return Verdict(name, None, f"needs >= {cfg.overfit_min_epochs} epochs over the subset to mean anything "
+                                       f"(an overfit learns per pass), got {epochs}",
+                           {"min_epochs": cfg.overfit_min_epochs, "epochs": epochs})
     try:
         return fn(history, cfg)
     except Exception as exc:  # noqa: BLE001 -- one odd history must not hide every other verdict
