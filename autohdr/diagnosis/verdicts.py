@@ -575,6 +575,20 @@ def loss_windows(steps: pd.DataFrame) -> dict[str, Any] | None:
     return {"first": first, "last": last, "relative_drop": drop, "basis": basis, "window": window}
 
 
+def complete_epochs(steps: pd.DataFrame) -> list[int]:
+    """The epochs of ``train_step`` records with as many steps as the longest one (what
+    :func:`loss_windows` compares the first and last of)."""
+    if "epoch" not in steps.columns:
+        return []
+    epochs = pd.to_numeric(steps["epoch"], errors="coerce")
+    sizes = epochs[np.isfinite(epochs)].value_counts()
+    return sorted(int(e) for e in sizes[sizes == sizes.max()].index) if len(sizes) else []
+
+
+#: Complete epochs loss_decreases compares over at least (measured: see the verdict).
+LOSS_MIN_EPOCHS = 3
+
+
 def loss_decreases(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     """Good: the training loss goes down between the first and the last complete epoch
     (:func:`loss_windows`; without epochs, the first and last 20 % of the steps).
@@ -586,6 +600,12 @@ def loss_decreases(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     windows = loss_windows(_rows(history, "train_step"))
     if windows is None:
         return Verdict("loss_decreases", None, "needs >= 6 training steps or 2 complete epochs")
+    complete = len(complete_epochs(_rows(history, "train_step")))
+    if windows["basis"] == "epochs" and complete < LOSS_MIN_EPOCHS:
+        # two epochs of a few steps: the first is mostly warm-up, the second the first at peak lr (a healthy
+        # 16-pair overfit run, 2 x 4 steps, seed 1: the loss rose); from 3 epochs every healthy run fell
+        return Verdict("loss_decreases", None, f"needs >= {LOSS_MIN_EPOCHS} complete epochs to mean anything, got "
+                                               f"{complete}", {"min_epochs": LOSS_MIN_EPOCHS, "epochs": complete})
     first, last, drop = windows["first"], windows["last"], windows["relative_drop"]
     init = _column(_rows(history, "init"), "from_checkpoint")
     from_checkpoint = init is not None and bool(init.astype(bool).any())
