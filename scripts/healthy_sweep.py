@@ -11,6 +11,7 @@ started again. A healthy model should leave every signal GOOD or n/a in every ru
     .venv/bin/python scripts/healthy_sweep.py RESULTS [--modes stage2_probe stage3_probe] [--seeds 0 1 2]
     .venv/bin/python scripts/healthy_sweep.py RESULTS --summary      # the table only
     .venv/bin/python scripts/healthy_sweep.py RESULTS --dataset photos  # a second dataset, see below
+    .venv/bin/python scripts/healthy_sweep.py RESULTS --short-runs     # 1, 2, 4 steps (--medium-runs: 8-48)
 
 ``--dataset photos`` trains on pairs generated at run time (into a temporary folder) from photographs
 the fixtures do not use (matplotlib's bundled sample images), with scripts/make_fixture_dataset.py's
@@ -67,6 +68,11 @@ SHORT_RUNS: tuple[tuple[str, str | None, object], ...] = (
     ("2 steps", None, {"data.num_pairs": 8, "data.resize_hw": [64, 64], "data.batch_size": 4, "train.epochs": 1}),
     ("4 steps", None, {"data.num_pairs": 16, "data.resize_hw": [64, 64], "data.batch_size": 4, "train.epochs": 1}),
 )
+#: Runs of 8 to 48 steps (16 pairs, batch 4: 4 steps an epoch; ``--medium-runs``): between the short runs and
+#: the presets, where the overfit signals and loss_decreases reach their minimum evidence (12 and 3 epochs).
+MEDIUM_RUNS: tuple[tuple[str, str | None, object], ...] = tuple(
+    (f"{epochs} epochs of 4 steps", None, {"data.num_pairs": 16, "data.batch_size": 4, "train.epochs": epochs})
+    for epochs in (2, 3, 4, 6, 8, 12))
 #: Where each run's metrics.jsonl is kept (``--keep DIR``), so ``--rejudge`` judges the runs again
 #: with the signals as they are now (set by :func:`main`).
 KEEP_DIR: Path | None = None
@@ -200,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variations", nargs="+", default=None, help="only these variation labels")
     parser.add_argument("--short-runs", action="store_true", help="runs of 1, 2 and 4 steps (SHORT_RUNS) instead "
                                                                   "of the dataset's variations")
+    parser.add_argument("--medium-runs", action="store_true", help="runs of 8-48 steps (MEDIUM_RUNS) instead of "
+                                                                   "the dataset's variations")
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's metrics.jsonl in this folder")
     parser.add_argument("--rejudge", action="store_true", help="judge the kept runs again with the current signals "
                                                                "(with --summary: nothing is run)")
@@ -212,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         variations = PHOTO_VARIATIONS if args.dataset == "photos" else VARIATIONS
         if args.short_runs:
             variations = SHORT_RUNS
+        if args.medium_runs:
+            variations = MEDIUM_RUNS
         if args.variations:
             variations = tuple(v for v in variations if v[0] in args.variations)
         todo = [(m, v, s) for m in args.modes for v in variations for s in args.seeds

@@ -125,3 +125,18 @@ def test_photo_sweep_runs_its_non_square_variations_on_a_temporary_dataset(sweep
     calls.clear()
     assert sweep.main([str(results), "--dataset", "photos", "--modes", "stage2_probe", "--seeds", "0"]) == 0
     assert calls == [] and len(made) == 1  # all recorded: no dataset generated, nothing re-run
+
+
+def test_medium_runs_span_the_minimum_evidence_of_the_overfit_signals(sweep, tmp_path, monkeypatch):
+    """--medium-runs: 2 to 12 epochs of 4 steps (8-48 steps), across loss_decreases' 3 and the overfit
+    signals' 12 epochs, each at every seed."""
+    from autohdr.diagnosis.verdicts import LOSS_MIN_EPOCHS, OVERFIT_MIN_EPOCHS
+    epochs = [value["train.epochs"] for _, _, value in sweep.MEDIUM_RUNS]
+    assert min(epochs) < LOSS_MIN_EPOCHS <= OVERFIT_MIN_EPOCHS <= max(epochs)
+    assert all(value["data.num_pairs"] // value["data.batch_size"] == 4 for _, _, value in sweep.MEDIUM_RUNS)
+    calls = []
+    monkeypatch.setattr(sweep, "run_one", lambda mode, label, key, value, seed, root: calls.append((label, seed)) or {
+        "mode": mode, "variation": label, "seed": seed, "all_good": True, "verdicts": {}, "loss_relative_drop": None,
+        "wall_s": 0.0})
+    assert sweep.main([str(tmp_path / "r.jsonl"), "--modes", "overfit_stage1", "--medium-runs", "--seeds", "0", "1"]) == 0
+    assert calls == [(label, seed) for label, _, _ in sweep.MEDIUM_RUNS for seed in (0, 1)]
