@@ -44,7 +44,8 @@ def judged(frame: pd.DataFrame, required: float = 0.05, from_checkpoint: bool = 
 class TestWindows:
     def test_first_and_last_complete_epoch(self):
         windows = loss_windows(steps([4, 4, 3, 3, 2, 2, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]))
-        assert windows == {"first": 4.0, "last": 1.0, "relative_drop": 0.75, "basis": "epochs", "window": [0, 3]}
+        assert windows == {"first": 4.0, "last": 1.0, "relative_drop": 0.75, "basis": "epochs", "window": [0, 3],
+                           "complete_epochs": 4}
 
     def test_a_partial_epoch_at_either_end_is_left_out(self):
         # resumed in the middle of epoch 0, interrupted after one step of epoch 3

@@ -558,8 +558,7 @@ def loss_windows(steps: pd.DataFrame) -> dict[str, Any] | None:
     frame = pd.DataFrame({"loss": pd.to_numeric(steps["loss"], errors="coerce"),
                           "epoch": pd.to_numeric(steps["epoch"], errors="coerce") if "epoch" in steps.columns
                           else math.nan}).dropna(subset=["loss"])
-    sizes = frame["epoch"].dropna().value_counts()
-    complete = sorted(sizes[sizes == sizes.max()].index) if len(sizes) else []
+    complete = _complete_epochs(frame["epoch"])
     if len(complete) >= 2:
         first_e, last_e = complete[0], complete[-1]
         first = float(frame.loc[frame["epoch"] == first_e, "loss"].mean())
@@ -572,17 +571,15 @@ def loss_windows(steps: pd.DataFrame) -> dict[str, Any] | None:
     else:
         return None
     drop = (first - last) / abs(first) if first else 0.0
-    return {"first": first, "last": last, "relative_drop": drop, "basis": basis, "window": window}
+    return {"first": first, "last": last, "relative_drop": drop, "basis": basis, "window": window,
+            "complete_epochs": len(complete)}
 
 
-def complete_epochs(steps: pd.DataFrame) -> list[int]:
-    """The epochs of ``train_step`` records with as many steps as the longest one (what
-    :func:`loss_windows` compares the first and last of)."""
-    if "epoch" not in steps.columns:
-        return []
-    epochs = pd.to_numeric(steps["epoch"], errors="coerce")
-    sizes = epochs[np.isfinite(epochs)].value_counts()
-    return sorted(int(e) for e in sizes[sizes == sizes.max()].index) if len(sizes) else []
+def _complete_epochs(epochs: pd.Series) -> list[float]:
+    """The finite epoch ids that hold as many steps as the longest epoch (``epochs``: one id per step)."""
+    finite = epochs[np.isfinite(epochs)]
+    sizes = finite.value_counts()
+    return sorted(sizes[sizes == sizes.max()].index) if len(sizes) else []
 
 
 #: Complete epochs loss_decreases compares over at least (measured: see the verdict).
@@ -600,7 +597,7 @@ def loss_decreases(history: pd.DataFrame, cfg: JudgeConfig) -> Verdict:
     windows = loss_windows(_rows(history, "train_step"))
     if windows is None:
         return Verdict("loss_decreases", None, "needs >= 6 training steps or 2 complete epochs")
-    complete = len(complete_epochs(_rows(history, "train_step")))
+    complete = windows["complete_epochs"]
     if windows["basis"] == "epochs" and complete < LOSS_MIN_EPOCHS:
         # two epochs of a few steps: the first is mostly warm-up, the second the first at peak lr (a healthy
         # 16-pair overfit run, 2 x 4 steps, seed 1: the loss rose); from 3 epochs every healthy run fell

@@ -314,14 +314,13 @@ class Trainer:
         if self.schedule_total_steps is None:
             self._learn_schedule_length(self._steps_done_in_epoch)
         self._epoch_complete, self._steps_done_in_epoch = True, 0
-        # last.pt with each validation and after the last epoch (a save every epoch was 8 % of the overfit
-        # preset's 0.2 s epochs); a run stopped between validations saves interrupted.pt where it stops
-        if record is not None:
-            self.save("last.pt")
         if record is None:
             self.info(f"epoch {epoch + 1}/{self.config.epochs}: trained (validation every "
                       f"{self.config.validation_interval} epochs)")
         else:
+            # last.pt with each validation and after the last epoch (a save every epoch was 8 % of the overfit
+            # preset's 0.2 s epochs); a run stopped between validations saves interrupted.pt where it stops
+            self.save("last.pt")
             if record["is_best"]:
                 self.save("best.pt")
             self.info(f"epoch {epoch + 1}/{self.config.epochs}: val proxy {record['val_proxy_total']:.5f} "
