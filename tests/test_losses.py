@@ -553,3 +553,57 @@ class TestCompositeLoss:
         with pytest.raises(ValueError, match="weights must be a LossWeights, got dict"):
             composite_loss(pred, target, weights={}, residual_flow_lowres=flow, final_grid=grid,
                            residual_terms=True, jacobian_term=True)
+
+
+# ----------------------------------------------------------------------------- the fast filters
+
+class TestFastFiltersMatchTheirConvolutions:
+    """The losses' Sobel (shifted slices) and Gaussian (banded matrix products) are the same sums as the
+    3x3 correlation and the depthwise valid convolution they replace; checked in float64 against
+    ``F.conv2d``, values and gradients."""
+
+    @staticmethod
+    def sobel_by_convolution(gray):
+        kx = gray.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+        grads = torch.nn.functional.conv2d(torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate"),
+                                           torch.stack((kx, kx.t())).unsqueeze(1))
+        return grads[:, 0:1], grads[:, 1:2]
+
+    @staticmethod
+    def blur_by_convolution(x, window, sigma):
+        coords = torch.arange(window, dtype=x.dtype) - (window - 1) / 2.0
+        g = torch.exp(-(coords ** 2) / (2.0 * sigma ** 2))
+        g = g / g.sum()
+        channels = x.shape[1]
+        x = torch.nn.functional.conv2d(x, g.view(1, 1, 1, window).expand(channels, 1, 1, window), groups=channels)
+        return torch.nn.functional.conv2d(x, g.view(1, 1, window, 1).expand(channels, 1, window, 1), groups=channels)
+
+    @pytest.mark.parametrize("shape", [(2, 1, 9, 13), (1, 1, 3, 3), (3, 1, 32, 20)])
+    def test_sobel(self, shape):
+        from autohdr.lens.losses import _sobel
+        gray = torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+        fast, slow = _sobel(gray), self.sobel_by_convolution(gray)
+        for a, b in zip(fast, slow):
+            assert_close(a, b)
+        weights = torch.rand((2,) + shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        grad_fast, = torch.autograd.grad(sum((w * g).sum() for w, g in zip(weights, fast)), gray)
+        grad_slow, = torch.autograd.grad(sum((w * g).sum() for w, g in zip(weights, slow)), gray)
+        assert_close(grad_fast, grad_slow)
+
+    @pytest.mark.parametrize("shape,window", [((2, 15, 16, 16), 7), ((1, 3, 7, 11), 7), ((2, 2, 12, 9), 3)])
+    def test_gaussian_blur(self, shape, window):
+        from autohdr.lens.losses import _gaussian_blur_valid
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
+        fast, slow = _gaussian_blur_valid(x, window, 1.5), self.blur_by_convolution(x, window, 1.5)
+        assert fast.shape == slow.shape == shape[:2] + (shape[2] - window + 1, shape[3] - window + 1)
+        assert_close(fast, slow)
+        weights = torch.rand(fast.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        assert_close(torch.autograd.grad((weights * fast).sum(), x)[0], torch.autograd.grad((weights * slow).sum(), x)[0])
+
+    def test_composite_shares_the_gradients_and_equals_the_public_terms(self):
+        pred, target, _, _ = composite_inputs(dtype=torch.float64)
+        _, comps = composite_loss(pred, target, weights=LossWeights(), residual_flow_lowres=None, final_grid=None,
+                                  residual_terms=False, jacobian_term=False)
+        assert_close(comps["edge"], edge_loss(pred, target))
+        assert_close(comps["grad_orient"], grad_orient_loss(pred, target))
+        assert_close(comps["ssim"], ssim_loss(pred, target))

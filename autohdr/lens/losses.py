@@ -43,6 +43,7 @@ switch both on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ LOSS_TERMS: tuple[str, ...] = IMAGE_TERMS + RESIDUAL_TERMS + ("jacobian",)
 
 # ITU-R BT.601 luma weights, used wherever a term works on luminance.
 _LUMA = (0.299, 0.587, 0.114)
+_GRADIENT_EPS = 1e-6  # smoothing of the Sobel magnitudes in edge_loss and grad_orient_loss
 _SSIM_C1 = 0.01 ** 2
 _SSIM_C2 = 0.03 ** 2
 _SSIM_SIGMA = 1.5
@@ -115,27 +117,44 @@ def _sobel(gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sobel derivatives of ``(B, 1, H, W)`` -> ``(gx, gy)``, each ``(B, 1, H, W)``.
 
     Kernels are normalized by 8 (a unit step gives 0.5) and the border is replicated, so a flat
-    image has zero gradient up to the edge.
+    image has zero gradient up to the edge. Computed as the separable difference ``[-1, 0, 1]`` and
+    smoothing ``[1, 2, 1]`` on shifted slices (the same sums as the 3x3 correlation, in another
+    order): on a CPU a 1-channel 3x3 convolution's backward pass costs ~4x these slices'.
     """
-    kx = gray.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
-    kernels = torch.stack((kx, kx.t())).unsqueeze(1)  # (2, 1, 3, 3): d/dx, d/dy
-    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
-    grads = F.conv2d(padded, kernels)
-    return grads[:, 0:1], grads[:, 1:2]
+    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")  # (B, 1, H + 2, W + 2)
+    diff_x = padded[..., :, 2:] - padded[..., :, :-2]  # (B, 1, H + 2, W)
+    diff_y = padded[..., 2:, :] - padded[..., :-2, :]  # (B, 1, H, W + 2)
+    gx = (diff_x[..., :-2, :] + 2.0 * diff_x[..., 1:-1, :] + diff_x[..., 2:, :]) / 8.0
+    gy = (diff_y[..., :, :-2] + 2.0 * diff_y[..., :, 1:-1] + diff_y[..., :, 2:]) / 8.0
+    return gx, gy
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian_band(size: int, window: int, sigma: float, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """``(size - window + 1, size)`` banded matrix whose row ``i`` holds the normalized 1-D Gaussian at
+    columns ``i .. i + window - 1``: ``band @ x`` is the valid Gaussian filter of ``x``'s rows."""
+    coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2.0
+    g = torch.exp(-(coords ** 2) / (2.0 * sigma ** 2))
+    g = (g / g.sum()).to(dtype)
+    band = torch.zeros(size - window + 1, size, dtype=dtype)
+    for row in range(size - window + 1):
+        band[row, row:row + window] = g
+    return band.to(device)
 
 
 def _gaussian_blur_valid(x: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     """Valid 2-D Gaussian filter of each channel of ``(B, C, H, W)`` -> ``(B, C, H - window + 1, W - window + 1)``.
 
-    The Gaussian is separable: a depthwise row pass and a column pass (``2 * window`` products per
-    pixel instead of ``window ** 2``; about 25 % less CPU time for the SSIM term at 128x128).
+    The Gaussian is separable: a column pass and a row pass, each a product with a banded matrix
+    (``band_h @ x @ band_w.T``). Batched matrix products run forward and backward at BLAS speed; a
+    depthwise convolution's backward pass on a CPU is slower (SSIM term at 128x128: 23 -> 16 ms per
+    step with the target's statistics out of the graph, see :func:`ssim_loss`).
     """
-    coords = torch.arange(window, device=x.device, dtype=x.dtype) - (window - 1) / 2.0
-    g = torch.exp(-(coords ** 2) / (2.0 * sigma ** 2))
-    g = g / g.sum()
-    channels = x.shape[1]
-    x = F.conv2d(x, g.view(1, 1, 1, window).expand(channels, 1, 1, window), groups=channels)
-    return F.conv2d(x, g.view(1, 1, window, 1).expand(channels, 1, window, 1), groups=channels)
+    height, width = x.shape[-2:]
+    band_h = _gaussian_band(height, window, float(sigma), x.dtype, x.device)
+    band_w = _gaussian_band(width, window, float(sigma), x.dtype, x.device)
+    return band_h @ x @ band_w.t()
 
 
 # ----------------------------------------------------------------------------- image terms
@@ -178,8 +197,11 @@ def ssim_loss(pred: torch.Tensor, target: torch.Tensor, window: int = 7) -> torc
     height, width = pred.shape[-2:]
     if height < window or width < window:
         raise ValueError(f"ssim_loss needs H, W >= window={window}, got (H, W) = ({height}, {width})")
-    stacked = torch.cat((pred, target, pred * pred, target * target, pred * target), dim=1)  # (B, 15, H, W)
-    mu_p, mu_t, e_pp, e_tt, e_pt = _gaussian_blur_valid(stacked, window, _SSIM_SIGMA).chunk(5, dim=1)
+    # The prediction's statistics and the target's apart: only the first need a backward pass.
+    with_pred = torch.cat((pred, pred * pred, pred * target), dim=1)  # (B, 9, H, W)
+    target_only = torch.cat((target, target * target), dim=1)  # (B, 6, H, W)
+    mu_p, e_pp, e_pt = _gaussian_blur_valid(with_pred, window, _SSIM_SIGMA).chunk(3, dim=1)
+    mu_t, e_tt = _gaussian_blur_valid(target_only, window, _SSIM_SIGMA).chunk(2, dim=1)
     mu_pp, mu_tt, mu_pt = mu_p * mu_p, mu_t * mu_t, mu_p * mu_t
     var_p = e_pp - mu_pp
     var_t = e_tt - mu_tt
@@ -190,7 +212,7 @@ def ssim_loss(pred: torch.Tensor, target: torch.Tensor, window: int = 7) -> torc
     return 1.0 - ssim_map.mean()
 
 
-def edge_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def edge_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = _GRADIENT_EPS) -> torch.Tensor:
     """L1 between Sobel gradient magnitudes of the luminances.
 
     The magnitude is ``sqrt(gx^2 + gy^2 + eps^2)`` so it is differentiable on flat regions.
@@ -206,14 +228,20 @@ def edge_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> to
     _check_pair(pred, target)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    gx_p, gy_p = _sobel(_luminance(pred))
-    gx_t, gy_t = _sobel(_luminance(target))
+    return _edge_of(_sobel(_luminance(pred)), _sobel(_luminance(target)), eps)
+
+
+def _edge_of(pred_grads: tuple[torch.Tensor, torch.Tensor], target_grads: tuple[torch.Tensor, torch.Tensor],
+             eps: float) -> torch.Tensor:
+    """:func:`edge_loss` from the Sobel ``(gx, gy)`` of both luminances, each ``(B, 1, H, W)``."""
+    gx_p, gy_p = pred_grads
+    gx_t, gy_t = target_grads
     mag_p = torch.sqrt(gx_p * gx_p + gy_p * gy_p + eps * eps)
     mag_t = torch.sqrt(gx_t * gx_t + gy_t * gy_t + eps * eps)
     return (mag_p - mag_t).abs().mean()
 
 
-def grad_orient_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def grad_orient_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = _GRADIENT_EPS) -> torch.Tensor:
     """``1 -`` magnitude-weighted mean of ``cos(2 * (theta_pred - theta_target))`` of Sobel gradients.
 
     With ``p``, ``t`` the luminance gradient vectors at a pixel, ``d = p . t`` and
@@ -238,8 +266,14 @@ def grad_orient_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6
     _check_pair(pred, target)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    px, py = _sobel(_luminance(pred))
-    tx, ty = _sobel(_luminance(target))
+    return _orientation_of(_sobel(_luminance(pred)), _sobel(_luminance(target)), eps)
+
+
+def _orientation_of(pred_grads: tuple[torch.Tensor, torch.Tensor], target_grads: tuple[torch.Tensor, torch.Tensor],
+                    eps: float) -> torch.Tensor:
+    """:func:`grad_orient_loss` from the Sobel ``(gx, gy)`` of both luminances, each ``(B, 1, H, W)``."""
+    px, py = pred_grads
+    tx, ty = target_grads
     dot = px * tx + py * ty
     cross = px * ty - py * tx
     dot2, cross2 = dot * dot, cross * cross
@@ -414,11 +448,13 @@ def composite_loss(
                 f"got {tuple(final_grid.shape)}"
             )
 
+    # edge and grad_orient read the same Sobel gradients: computed once (their default eps)
+    pred_grads, target_grads = _sobel(_luminance(pred)), _sobel(_luminance(target))
     raw: dict[str, torch.Tensor] = {
         "pixel": charbonnier(pred, target),
         "ssim": ssim_loss(pred, target),
-        "edge": edge_loss(pred, target),
-        "grad_orient": grad_orient_loss(pred, target),
+        "edge": _edge_of(pred_grads, target_grads, _GRADIENT_EPS),
+        "grad_orient": _orientation_of(pred_grads, target_grads, _GRADIENT_EPS),
         "multiscale": multiscale_loss(pred, target),
     }
     active = set(IMAGE_TERMS)
