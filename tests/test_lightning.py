@@ -7,6 +7,7 @@ Lightning."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import subprocess
@@ -16,19 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-pl = pytest.importorskip("pytorch_lightning", reason="needs the lightning extra: pip install 'autohdr[lightning]'")
+if importlib.util.find_spec("pytorch_lightning") is None:
+    pytest.skip("needs the lightning extra: pip install 'autohdr[lightning]'", allow_module_level=True)
 
 from autohdr.cli import main as autohdr_main  # noqa: E402
 from autohdr.data.settings import default_fixture_root  # noqa: E402
 from autohdr.diagnosis.causes import diagnose  # noqa: E402
-from autohdr.diagnosis.hooks import InstrumentationConfig, NonFiniteLossError, default_loss_fn  # noqa: E402
+from autohdr.diagnosis.hooks import NonFiniteLossError, default_loss_fn  # noqa: E402
 from autohdr.diagnosis.metrics_log import read_metrics  # noqa: E402
 from autohdr.diagnosis.run_intent import ExistingRunError, judge_config_for  # noqa: E402
 from autohdr.diagnosis.verdicts import judge  # noqa: E402
-from autohdr.integrations.lightning import AutohdrCallback, lens_model, step_outputs  # noqa: E402
 from autohdr.lens.evaluation import correct  # noqa: E402
 from autohdr.lens.model import LensCorrectionModel  # noqa: E402
-from autohdr.runs.debug import build_loaders, load_ground_truth, resolve_preset, select_rows  # noqa: E402
+from autohdr.runs.debug import build_loaders, resolve_preset, select_rows  # noqa: E402
 from tests import faults  # noqa: E402
 from tests.hand_loop import train_by_hand  # noqa: E402
 
@@ -36,79 +37,15 @@ from tests.hand_loop import train_by_hand  # noqa: E402
 pytestmark = [pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*is deprecated"),
               pytest.mark.usefixtures("one_torch_thread")]  # tests/plugins/threads.py
 
-#: stage2_probe on 8 pairs at 64 px, batches of 4: 2 steps an epoch, 4 epochs (both loops alike)
-TINY = {"data.num_pairs": 8, "data.resize_hw": [64, 64], "data.batch_size": 4}
-HEADS = ("backbone", "param_head", "residual_head")
 
+# ---------------------------------------------------------------------------- the user's code (tests/lightning_loop.py)
 
-# ---------------------------------------------------------------------------- the user's code
-
-class LitLens(pl.LightningModule):
-    """A LightningModule around autohdr's lens model, as a user writes one: the hand loop's step
-    (``correct``, the loss) in ``training_step``; Lightning does backward, clipping and the step.
-    For autohdr, ``training_step`` returns the correction and the loss parts beside the loss
-    (without autohdr it would ``return loss``).
-
-    ``group_lrs``: one AdamW param group per head with these lrs (else one group); ``lr_lambda``:
-    a per-step ``LambdaLR`` factor (``interval="step"``)."""
-
-    def __init__(self, model, loss_fn, *, residual_active: bool, lr: float, weight_decay: float,
-                 group_lrs: dict[str, float] | None = None, lr_lambda=None) -> None:
-        super().__init__()
-        self.model, self.loss_fn, self.residual_active = model, loss_fn, residual_active
-        self.lr, self.weight_decay, self.group_lrs, self.lr_lambda = lr, weight_decay, group_lrs, lr_lambda
-
-    def training_step(self, batch, batch_idx):
-        correction = correct(self.model, batch["input_image"], self.residual_active)
-        loss, parts = self.loss_fn(correction, batch["target_image"])
-        return {"loss": loss, "correction": correction, "parts": parts}  # autohdr
-
-    def configure_optimizers(self):
-        if self.group_lrs is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-        else:
-            params = [{"params": list(getattr(self.model, name).parameters()), "lr": self.group_lrs[name]}
-                      for name in HEADS]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.lr_lambda is None:
-            return optimizer
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def train_with_lightning(run_dir: Path, *, model=None, seed: int = 0, overrides=None, epochs: int | None = None,
-                         ckpt_path: Path | None = None, loader_fault=None, accumulate_grad_batches: int = 1,
-                         **module_options):
-    """``tests/hand_loop.py::train_by_hand`` with Lightning doing the loop: the same preset, data,
-    seed, model, optimizer and clip. Returns the Trainer (its callback wrote ``run_dir``).
-
-    The lines marked ``# autohdr`` are what a Lightning user adds; ``hand_like`` is what the
-    hand loop gives its hooks (the preset's loss weights, judge thresholds and instrumentation
-    settings, the ground truth), so that the two runs are configured alike."""
-    from autohdr.integrations.lightning import AutohdrCallback  # noqa: F811  # autohdr
-    preset = resolve_preset("stage2_probe", {**TINY, **(overrides or {})})
-    cfg, spec = preset.train, preset.train.spec
-    train_rows, val_rows = select_rows(default_fixture_root(), preset.data)
-    train_loader, val_loader = build_loaders(train_rows, val_rows, preset.data, seed)
-    torch.manual_seed(seed)
-    model = model if model is not None else LensCorrectionModel(preset.model)
-    loss_fn = default_loss_fn(spec, cfg.loss_weights)
-    module = LitLens(model, loss_fn, residual_active=spec.residual_active, lr=cfg.lr * spec.lr_scale,
-                     weight_decay=cfg.weight_decay, **module_options)
-    hand_like = {"stage": cfg.stage, "judge_config": preset.judge, "loss_fn": loss_fn,
-                 "ground_truth": load_ground_truth(default_fixture_root()),
-                 "config": InstrumentationConfig.from_train_config(cfg), "log": lambda message: None}
-    trainer = pl.Trainer(
-        callbacks=[AutohdrCallback(run_dir, val_loader=val_loader, intent="probe", **hand_like)],  # autohdr
-        max_epochs=epochs or cfg.epochs, limit_train_batches=cfg.max_steps_per_epoch or 1.0,
-        gradient_clip_val=cfg.grad_clip_norm, accumulate_grad_batches=accumulate_grad_batches,
-        accelerator="cpu", devices=1, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=run_dir.parent)
-    if loader_fault is not None:
-        train_loader = loader_fault(train_loader)
-    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
-    return trainer
+@pytest.fixture(scope="module")
+def lit():
+    """tests/lightning_loop.py (the user's LightningModule and loop), imported by the first test that
+    runs here: collection does not pay pytorch_lightning's import."""
+    from tests import lightning_loop
+    return lightning_loop
 
 
 def judged(run_dir: Path):
@@ -125,10 +62,10 @@ def oks(verdicts) -> dict[str, bool | None]:
 # ---------------------------------------------------------------------------- healthy: the hand loop's verdicts
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, lit):
     root = tmp_path_factory.mktemp("lightning")
-    hand = train_by_hand(root / "hand", overrides=TINY)
-    train_with_lightning(root / "lightning")
+    hand = train_by_hand(root / "hand", overrides=lit.TINY)
+    lit.train_with_lightning(root / "lightning")
     return {"hand": hand, "hand_dir": root / "hand", "dir": root / "lightning"}
 
 
@@ -179,10 +116,10 @@ def test_the_run_records_its_intent_lightnings_clip_and_every_groups_lr(runs):
 # ---------------------------------------------------------------------------- faults stay red
 
 @pytest.mark.stage2_probe
-def test_a_detached_residual_stays_red_with_its_cause(tmp_path):
+def test_a_detached_residual_stays_red_with_its_cause(tmp_path, lit):
     torch.manual_seed(0)
-    model = faults.DetachedResidual(resolve_preset("stage2_probe", TINY).model)
-    train_with_lightning(tmp_path / "run", model=model)
+    model = faults.DetachedResidual(resolve_preset("stage2_probe", lit.TINY).model)
+    lit.train_with_lightning(tmp_path / "run", model=model)
     _, verdicts, diagnoses = judged(tmp_path / "run")
     assert oks(verdicts)["residual_head_learning"] is False
     named = [d for d in diagnoses if "residual_head_learning" in d.signals]
@@ -190,13 +127,13 @@ def test_a_detached_residual_stays_red_with_its_cause(tmp_path):
 
 
 @pytest.mark.stage2_probe
-def test_a_param_group_at_lr_zero_stays_red_with_its_cause(tmp_path):
+def test_a_param_group_at_lr_zero_stays_red_with_its_cause(tmp_path, lit):
     """The residual head's group at lr 0 (the others train), under a per-step schedule: Lightning
     steps such a schedule before ``on_train_batch_end``, and each step still records the lrs it used."""
     def halve_each_step(step):
         return 0.5 ** step
 
-    trainer = train_with_lightning(tmp_path / "run", group_lrs={"backbone": 3e-3, "param_head": 3e-3,
+    trainer = lit.train_with_lightning(tmp_path / "run", group_lrs={"backbone": 3e-3, "param_head": 3e-3,
                                                                 "residual_head": 0.0},
                                    lr_lambda=halve_each_step)
     history, verdicts, diagnoses = judged(tmp_path / "run")
@@ -208,22 +145,22 @@ def test_a_param_group_at_lr_zero_stays_red_with_its_cause(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3 * 0.5 ** 8)  # given back
 
 
-def test_a_nan_in_a_batch_stops_the_run_naming_the_sample(tmp_path):
+def test_a_nan_in_a_batch_stops_the_run_naming_the_sample(tmp_path, lit):
     with pytest.raises(NonFiniteLossError, match="non-finite loss .* sample .* holds non-finite values"):
-        train_with_lightning(tmp_path / "run", loader_fault=faults.NaNInOneBatch)
+        lit.train_with_lightning(tmp_path / "run", loader_fault=faults.NaNInOneBatch)
     history, verdicts, diagnoses = judged(tmp_path / "run")
     assert history["kind"].tolist()[-2:] == ["error", "run_end"]  # the file is closed (on_exception)
     assert oks(verdicts)["finite"] is False
     assert any("finite" in d.signals and d.cause_id != "unexplained" for d in diagnoses), diagnoses
 
 
-def test_gradient_accumulation_records_one_step_per_optimizer_step(tmp_path):
+def test_gradient_accumulation_records_one_step_per_optimizer_step(tmp_path, lit):
     """Two micro-batches a step: one record each, holding the second micro-batch's loss as
     training_step returned it (Lightning's division by 2 undone)."""
-    trainer = train_with_lightning(tmp_path / "run", accumulate_grad_batches=2)
+    trainer = lit.train_with_lightning(tmp_path / "run", accumulate_grad_batches=2)
     steps = read_metrics(tmp_path / "run").query("kind == 'train_step'")
     assert trainer.global_step == 4 and steps["step"].tolist() == [1, 2, 3, 4]
-    preset = resolve_preset("stage2_probe", TINY)
+    preset = resolve_preset("stage2_probe", lit.TINY)
     train_loader, _ = build_loaders(*select_rows(default_fixture_root(), preset.data), preset.data, 0)
     second = list(train_loader)[1]  # epoch 0's second micro-batch, seen with the initial weights
     torch.manual_seed(0)
@@ -235,22 +172,22 @@ def test_gradient_accumulation_records_one_step_per_optimizer_step(tmp_path):
 
 # ---------------------------------------------------------------------------- run folders and checkpoints
 
-def test_a_folder_with_a_run_is_refused_and_left_as_it_was(runs):
+def test_a_folder_with_a_run_is_refused_and_left_as_it_was(runs, lit):
     before = (runs["dir"] / "metrics.jsonl").read_bytes()
     with pytest.raises(ExistingRunError, match="already holds a run"):
-        train_with_lightning(runs["dir"], epochs=1)
+        lit.train_with_lightning(runs["dir"], epochs=1)
     assert (runs["dir"] / "metrics.jsonl").read_bytes() == before
 
 
-def test_a_lightning_checkpoint_resumes_the_metrics(tmp_path):
+def test_a_lightning_checkpoint_resumes_the_metrics(tmp_path, lit):
     """2 epochs, ``trainer.save_checkpoint``, then a new Trainer and callback resume to 3: the hooks'
     step count and best score ride in the checkpoint (the callback's ``state_dict``)."""
     run_dir = tmp_path / "run"
-    first = train_with_lightning(run_dir, epochs=2)
+    first = lit.train_with_lightning(run_dir, epochs=2)
     first.save_checkpoint(tmp_path / "epoch2.ckpt")
     state = torch.load(tmp_path / "epoch2.ckpt", weights_only=False)["callbacks"]["AutohdrCallback"]
     assert state["hooks"]["global_step"] == 4
-    train_with_lightning(run_dir, epochs=3, ckpt_path=tmp_path / "epoch2.ckpt")
+    lit.train_with_lightning(run_dir, epochs=3, ckpt_path=tmp_path / "epoch2.ckpt")
     history = read_metrics(run_dir)
     steps = history.query("kind == 'train_step'")
     assert steps["step"].tolist() == list(range(1, 7)) and steps["epoch"].tolist() == [0, 0, 1, 1, 2, 2]
@@ -258,16 +195,10 @@ def test_a_lightning_checkpoint_resumes_the_metrics(tmp_path):
     assert len(history.query("kind == 'run_start'")) == 2 and len(history.query("kind == 'run_end'")) == 1
 
 
-class ManualOptimization(LitLens):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = False
-
-
-def test_manual_optimization_is_refused_by_name(tmp_path):
-    model = LensCorrectionModel(resolve_preset("stage2_probe", TINY).model)
-    module = ManualOptimization(model, None, residual_active=True, lr=1e-3, weight_decay=0.0)
-    trainer = pl.Trainer(callbacks=[AutohdrCallback(tmp_path / "run")], accelerator="cpu", max_steps=1, logger=False,
+def test_manual_optimization_is_refused_by_name(tmp_path, lit):
+    model = LensCorrectionModel(resolve_preset("stage2_probe", lit.TINY).model)
+    module = lit.ManualOptimization(model, None, residual_active=True, lr=1e-3, weight_decay=0.0)
+    trainer = lit.pl.Trainer(callbacks=[lit.AutohdrCallback(tmp_path / "run")], accelerator="cpu", max_steps=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="automatic optimization with one optimizer"):
         trainer.fit(module, train_dataloaders=[{}])
@@ -277,26 +208,26 @@ def test_manual_optimization_is_refused_by_name(tmp_path):
 class TestLensModel:
     """Which module of the LightningModule the hooks observe."""
 
-    def test_the_child_that_names_the_groups(self):
-        module = LitLens(LensCorrectionModel(), None, residual_active=True, lr=1e-3, weight_decay=0.0)
-        assert lens_model(module) is module.model
-        assert lens_model(module, "model.backbone") is module.model.backbone
+    def test_the_child_that_names_the_groups(self, lit):
+        module = lit.LitLens(LensCorrectionModel(), None, residual_active=True, lr=1e-3, weight_decay=0.0)
+        assert lit.lens_model(module) is module.model
+        assert lit.lens_model(module, "model.backbone") is module.model.backbone
 
-    def test_a_wrong_path_names_the_children(self):
-        module = LitLens(LensCorrectionModel(), None, residual_active=True, lr=1e-3, weight_decay=0.0)
+    def test_a_wrong_path_names_the_children(self, lit):
+        module = lit.LitLens(LensCorrectionModel(), None, residual_active=True, lr=1e-3, weight_decay=0.0)
         with pytest.raises(AttributeError, match=r"model='net'\): LitLens has no attribute 'net'; its child modules: model"):
-            lens_model(module, "net")
+            lit.lens_model(module, "net")
 
 
 class TestStepOutputs:
     """What ``training_step`` returned, as the step record reads it."""
 
-    def test_a_plain_loss(self):
+    def test_a_plain_loss(self, lit):
         loss = torch.tensor(0.5)
-        assert step_outputs(loss) == (loss, None, {})
+        assert lit.step_outputs(loss) == (loss, None, {})
 
-    def test_parts_beside_the_loss_and_in_parts(self):
-        loss, correction, parts = step_outputs({"loss": torch.tensor(0.5), "edge": torch.tensor(0.1),
+    def test_parts_beside_the_loss_and_in_parts(self, lit):
+        loss, correction, parts = lit.step_outputs({"loss": torch.tensor(0.5), "edge": torch.tensor(0.1),
                                                 "parts": {"pixel": torch.tensor(0.2)}, "correction": "not one"})
         assert float(loss) == 0.5 and correction is None
         assert {name: round(float(v), 6) for name, v in parts.items()} == {"edge": 0.1, "pixel": 0.2}
@@ -304,10 +235,10 @@ class TestStepOutputs:
 
 # ---------------------------------------------------------------------------- what the user adds
 
-def test_a_lightning_user_adds_three_lines():
+def test_a_lightning_user_adds_three_lines(lit):
     """The import, ``callbacks=[AutohdrCallback(...)]`` in the Trainer and ``training_step``
     returning the correction and the loss parts beside the loss."""
-    user_code = inspect.getsource(LitLens) + inspect.getsource(train_with_lightning)
+    user_code = inspect.getsource(lit.LitLens) + inspect.getsource(lit.train_with_lightning)
     assert sum(line.rstrip().endswith("# autohdr") for line in user_code.splitlines()) == 3
 
 
@@ -321,7 +252,7 @@ def test_importing_autohdr_does_not_import_lightning():
     assert out.strip() == "[]"
 
 
-def test_without_lightning_the_import_names_the_extra(monkeypatch):
+def test_without_lightning_the_import_names_the_extra(monkeypatch, lit):
     monkeypatch.setitem(sys.modules, "pytorch_lightning", None)  # what an install without the extra sees
     monkeypatch.delitem(sys.modules, "autohdr.integrations.lightning")
     with pytest.raises(ImportError, match=r"pip install 'autohdr\[lightning\]'"):
