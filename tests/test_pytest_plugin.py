@@ -28,6 +28,12 @@ from autohdr.testing.signal_tests import NO_CUDA_REASON
 
 pytest_plugins = ["pytester"]
 
+# An in-process pytester run inside pytest-xdist's worker gw0 inherits that worker's environment, and
+# pytest-benchmark's session there warns (only on gw0) that xdist disables benchmarks: a warning about
+# the run inside the test, not about this suite, which appeared or not with the scheduling.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Benchmarks are automatically disabled because xdist plugin is active")
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "user_repo"
 GROUPS = '{ backbone = "features", param_head = "lens", residual_head = "refine" }'
 #: Tiny runs: 16 pairs, batch 8, the preset's 4 epochs (8 steps); the user's loop at 64x64, autohdr's
