@@ -221,3 +221,18 @@ class TestStatistics:
             assert_close(shortcut[name], full[name])
         assert float(shortcut["residual_contrib_px_max"]) == 0.0
         assert float(shortcut["final_grid_disp_px_mean"]) > 0.5  # a real lens, not the identity
+
+
+class TestDisplacementPx:
+    def test_equals_the_norm_of_the_pixel_delta(self):
+        gen = torch.Generator().manual_seed(5)
+        grid = identity_grid(2, 9, 13, dtype=torch.float64) + 0.05 * torch.randn(2, 9, 13, 2, generator=gen,
+                                                                                    dtype=torch.float64)
+        reference = identity_grid(2, 9, 13, dtype=torch.float64)
+        expected = grid_to_pixels(grid - reference).norm(dim=-1)
+        torch.testing.assert_close(displacement_px(grid), expected, rtol=1e-12, atol=1e-12)
+
+    def test_a_three_four_shift_is_five_pixels(self):
+        grid = identity_grid(1, 5, 7, dtype=torch.float64)  # pixel steps: 2/6 in x, 2/4 in y
+        shifted = grid + torch.tensor([3 * 2 / 6, 4 * 2 / 4], dtype=torch.float64)
+        torch.testing.assert_close(displacement_px(shifted, grid), torch.full((1, 5, 7), 5.0, dtype=torch.float64))
