@@ -356,6 +356,8 @@ def test_structural_fault_stops_the_run_where_it_is_decided(debug_run, fault, po
     elif point == "step":
         assert 1 <= len(steps) <= EARLY_CHECK_STEPS and stopped["step"] == len(steps)
     assert run.report["error"].startswith("stopped early") and not run.report["all_good"]
+    # wherever it stops, the run ends with run_end and its metrics file closed (an init stop once left both out)
+    assert run.history["kind"].iloc[-1] == "run_end"
     # every signal decided early that the fault turns red is red when the run stops at once
     decided = {name for names in EARLY_SIGNALS.values() for name in names}
     for signal in set(fault.fires) & decided:

@@ -279,11 +279,12 @@ class Trainer:
                                             "resumed_from": str(resume_from) if resume_from else None,
                                             "init_from": str(init_from) if init_from else None,
                                             "start_epoch": start_epoch, "config": to_dict(cfg)})
-        if self.early_check is not None and resume_from is None:
-            self.early_check("init", self.global_step)
         interrupted = False
         with StopRequest(self.info, self.dist, self.device) as self._stop:
             try:
+                # inside the try: a run stopped at the init check also ends with run_end, its file closed
+                if self.early_check is not None and resume_from is None:
+                    self.early_check("init", self.global_step)
                 for epoch in range(start_epoch, cfg.epochs):
                     self._run_epoch(epoch)
                     self._stop.check()
