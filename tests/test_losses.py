@@ -590,7 +590,9 @@ class TestFastFiltersMatchTheirConvolutions:
         grad_slow, = torch.autograd.grad(sum((w * g).sum() for w, g in zip(weights, slow)), gray)
         assert_close(grad_fast, grad_slow)
 
-    @pytest.mark.parametrize("shape,window", [((2, 15, 16, 16), 7), ((1, 3, 7, 11), 7), ((2, 2, 12, 9), 3)])
+    # the last two: above _BAND_MAX_SIDE in one axis, the convolution path
+    @pytest.mark.parametrize("shape,window", [((2, 15, 16, 16), 7), ((1, 3, 7, 11), 7), ((2, 2, 12, 9), 3),
+                                              ((1, 2, 200, 9), 7), ((1, 1, 8, 230), 7)])
     def test_gaussian_blur(self, shape, window):
         from autohdr.lens.losses import _gaussian_blur_valid
         x = torch.rand(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
