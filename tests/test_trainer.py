@@ -763,3 +763,44 @@ def test_validate_every_validates_on_those_epochs_and_the_last(runs_dir, monkeyp
 def test_validate_every_must_be_positive():
     with pytest.raises(ValueError, match="validate_every must be >= 1, got 0"):
         config("stage1_param_only", validate_every=0)
+
+
+# ---------------------------------------------------------------------------------------- the optimizer, built late
+
+class TestOptimizerBuiltAfterTheInitCheck:
+    """A fresh run builds AdamW after the init check (its first use imports torch._dynamo, ~0.8 s),
+    so an init fault stops before that cost; run_start still records the groups it then builds."""
+
+    def test_run_start_records_the_groups_the_optimizer_has_at_step_0(self, tmp_path):
+        from autohdr.diagnosis.observers.optimizer import optimizer_groups
+        cfg = config("stage2_hybrid", epochs=1, warmup_steps=2)
+        train(tmp_path / "run", cfg)
+        start = next(r for r in read_records(tmp_path / "run") if r["kind"] == "run_start")
+        fresh = make_trainer(tmp_path / "fresh", cfg)
+        assert start["optimizer_groups"] == optimizer_groups(fresh.optimizer, fresh.groups)
+        # the warm-up's first rate, not the configured peak nor a default
+        peak = cfg.lr * fresh.spec.lr_scale
+        assert start["optimizer_groups"][0]["lr"] == pytest.approx(peak * cosine_lr_factor(0, 2, 2, cfg.min_lr_ratio))
+        assert start["optimizer_groups"][0]["lr"] < peak
+
+    def test_an_init_stop_never_builds_the_optimizer(self, tmp_path):
+        class StopAtInit(Exception):
+            pass
+
+        def stop(point, step):
+            if point == "init":
+                raise StopAtInit
+        trainer = Trainer(seeded(), config("stage2_hybrid", epochs=1), fixture_batches(), fixture_batches(),
+                          out_dir=tmp_path, device="cpu", log=lambda message: None, early_check=stop)
+        with pytest.raises(StopAtInit):
+            trainer.fit()
+        assert trainer._optimizer is None
+        kinds = [r["kind"] for r in read_records(tmp_path)]
+        assert kinds == ["run_start", "init", "run_end"]
+
+    def test_groups_that_differ_from_the_announced_ones_are_an_error(self, tmp_path, monkeypatch):
+        trainer = make_trainer(tmp_path, config("stage2_hybrid", epochs=1))
+        announced = trainer.planned_optimizer_groups()
+        monkeypatch.setattr(trainer, "_announced_groups", [{**announced[0], "eps": 1.0}])
+        with pytest.raises(RuntimeError, match="differ from those run_start recorded"):
+            trainer.optimizer  # noqa: B018

@@ -180,6 +180,11 @@ class Instrumentation:
         self._batch: Mapping | None = None
         self._build_observers()
 
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Observe ``optimizer`` from now on (a loop that builds it after the hooks, before the first step)."""
+        self.optimizer = optimizer
+        self.optimizer_observer.set_optimizer(optimizer)
+
     def _build_observers(self) -> None:
         cfg, spec, instrument = self.config, self.spec, self.config.instrument
         self.timing = ThroughputObserver(self.device, perf=cfg.perf, timed=cfg.perf or instrument,

@@ -16,19 +16,22 @@ Only rank 0 writes files under torchrun.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
 from autohdr.diagnosis.hooks import Instrumentation, InstrumentationConfig, NonFiniteLossError, default_loss_fn
 from autohdr.diagnosis.instrumentation import GROUP_NAMES, GroupMembers, parameter_groups, unwrap_model
+from autohdr.diagnosis.observers.optimizer import optimizer_groups
 from autohdr.lens.evaluation import correct
 from autohdr.training.config import TrainConfig, to_dict
 from autohdr.training.distributed import SINGLE, DistContext, all_reduce_mean, broadcast_buffers
@@ -119,10 +122,14 @@ class Trainer:
                           if p.requires_grad and (self.spec.residual_active or name != "residual_head")]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters for stage " + config.stage)
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr * self.spec.lr_scale,
-                                           weight_decay=config.weight_decay)
+        # The optimizer and its schedule are built on first use (see ``optimizer``): torch imports
+        # torch._dynamo on an optimizer's first add_param_group (~0.8 s here), and a fresh run's init
+        # check does not need them, so an init fault stops the run before that cost.
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._announced_groups: list[dict[str, Any]] | None = None  # run_start's, written before the optimizer
         self._loss_fn = default_loss_fn(self.spec, config.loss_weights)
-        self.hooks = Instrumentation(self.model, self.optimizer, self.out_dir, stage=config.stage, groups=groups,
+        self.hooks = Instrumentation(self.model, None, self.out_dir, stage=config.stage, groups=groups,
                                      config=InstrumentationConfig.from_train_config(config), loss_fn=self._loss_fn,
                                      ground_truth=ground_truth, device=self.device, dist=dist_ctx, log=log,
                                      non_finite_hint=f"Lower the learning rate (lr={config.lr}) or check the inputs")
@@ -132,7 +139,6 @@ class Trainer:
         # the first epoch, which runs at the peak rate after warm-up.
         self.schedule_total_steps: int | None = (self.steps_per_epoch * config.epochs
                                                  if self.steps_per_epoch is not None else None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.amp_enabled = config.amp and self.device.type == "cuda"
         # torch 2.13's CPU backward of a strided 1x1 conv on channels_last tensors crashes: CUDA only.
         self.memory_format = (torch.channels_last if config.channels_last and self.device.type == "cuda"
@@ -147,6 +153,45 @@ class Trainer:
         #: Seconds spent per part of :meth:`fit` (``init_check``, ``validation``, ``checkpoints``; the
         #: rest of ``fit`` is ``training``): what ``scripts/bench_verdict.py`` reports.
         self.timings: dict[str, float] = {"init_check": 0.0, "validation": 0.0, "checkpoints": 0.0, "fit": 0.0}
+
+    # ------------------------------------------------------------------ the optimizer, built on first use
+    def _adamw_hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.config.lr * self.spec.lr_scale, "weight_decay": self.config.weight_decay}
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over ``self.trainable`` (one param group), built on first use with its LambdaLR schedule."""
+        if self._optimizer is None:
+            optimizer = torch.optim.AdamW(self.trainable, **self._adamw_hyperparameters())
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)  # sets step 0's rate
+            built = optimizer_groups(optimizer, self.hooks.groups)
+            if self._announced_groups is not None and built != self._announced_groups:
+                raise RuntimeError(f"the optimizer's groups {built} differ from those run_start recorded "
+                                   f"{self._announced_groups} (planned_optimizer_groups is out of date)")
+            self._optimizer, self._scheduler = optimizer, scheduler
+            self.hooks.set_optimizer(optimizer)
+        return self._optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """The cosine schedule (warm-up, then down to ``min_lr_ratio``) of :attr:`optimizer`."""
+        self.optimizer  # noqa: B018  (builds both)
+        assert self._scheduler is not None
+        return self._scheduler
+
+    def planned_optimizer_groups(self) -> list[dict[str, Any]]:
+        """``run_start.optimizer_groups`` of the optimizer :attr:`optimizer` will build, without building it.
+
+        AdamW's defaults (``betas``, ``eps``) come from its signature and ``lr`` is step 0's rate
+        (the schedule's warm-up factor applied, as LambdaLR sets it); ``optimizer`` checks on first
+        use that the groups it built read the same.
+        """
+        defaults = {name: param.default for name, param in inspect.signature(torch.optim.AdamW).parameters.items()
+                    if param.default is not inspect.Parameter.empty}
+        hyperparameters = self._adamw_hyperparameters()
+        hyperparameters["lr"] *= self._lr_factor(0)
+        group = {**defaults, **hyperparameters, "params": self.trainable}
+        return optimizer_groups(SimpleNamespace(param_groups=[group]), self.hooks.groups)
 
     @contextmanager
     def _timed(self, part: str):
@@ -272,19 +317,21 @@ class Trainer:
             self.info(f"initialized model weights from {init_from} (stage {state.get('stage')})")
         if resume_from is not None:
             start_epoch = self._resume(resume_from)
+        info: dict[str, Any] = {"amp": self.amp_enabled, "resumed_from": str(resume_from) if resume_from else None,
+                                "init_from": str(init_from) if init_from else None,
+                                "start_epoch": start_epoch, "config": to_dict(cfg)}
+        if self._optimizer is None:  # a fresh run: the optimizer is built after the init check
+            info["optimizer_groups"] = self._announced_groups = self.planned_optimizer_groups()
         with self._timed("init_check"):
             self.hooks.on_train_start(self.val_loader,
-                                      resume_step=self.global_step if resume_from is not None else None,
-                                      info={"amp": self.amp_enabled,
-                                            "resumed_from": str(resume_from) if resume_from else None,
-                                            "init_from": str(init_from) if init_from else None,
-                                            "start_epoch": start_epoch, "config": to_dict(cfg)})
+                                      resume_step=self.global_step if resume_from is not None else None, info=info)
         interrupted = False
         with StopRequest(self.info, self.dist, self.device) as self._stop:
             try:
                 # inside the try: a run stopped at the init check also ends with run_end, its file closed
                 if self.early_check is not None and resume_from is None:
                     self.early_check("init", self.global_step)
+                self.optimizer  # noqa: B018  (built now: after the init check, before the first step)
                 for epoch in range(start_epoch, cfg.epochs):
                     self._run_epoch(epoch)
                     self._stop.check()

@@ -77,6 +77,11 @@ class OptimizerObserver(Observer):
         self.model = model
         self.coverage = OptimizerCoverage(optimizer, skip) if coverage else None
 
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.optimizer = optimizer
+        if self.coverage is not None:
+            self.coverage.optimizer = optimizer
+
     def on_after_backward(self, group_grad_norms) -> None:
         if self.coverage is not None:
             self.coverage.observe(self.model)
