@@ -354,6 +354,51 @@ def _cache_pairs():
     yield photo("rocket"), flat
 
 
+class TestBaselineScoreMemo:
+    """``proxy_score_batch(..., memo=True)``: whole pair scores looked up by both images' content."""
+
+    @staticmethod
+    def _batch(*images: np.ndarray) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images])
+
+    def test_memoized_scores_equal_the_computed_ones_on_misses_and_hits(self):
+        proxy.clear_target_cache()
+        pairs = list(_cache_pairs())[:8]
+        preds, targets = self._batch(*(p for p, _ in pairs)), self._batch(*(t for _, t in pairs))
+        expected = proxy_score_batch(preds, targets)
+        assert proxy_score_batch(preds, targets, memo=True) == expected  # misses
+        assert proxy_score_batch(preds, targets, memo=True) == expected  # hits
+        assert (proxy._SCORES.hits, proxy._SCORES.misses) == (len(pairs), len(pairs))
+
+    def test_a_pair_differing_in_either_image_or_the_weights_is_scored_anew(self):
+        proxy.clear_target_cache()
+        target = photo("astronaut")
+        pred = distort(target, 0.1)
+        changed = target.copy()
+        changed[60:70, 60:70] = 0.0
+        first = proxy_score_batch(self._batch(pred), self._batch(target), memo=True)
+        for p, t, weights in ((pred, changed, None), (changed, target, None),
+                              (pred, target, proxy.ProxyWeights(edge=1.0, line=0.0, grad=0.0, ssim=0.0, mae=0.0))):
+            again = proxy_score_batch(self._batch(p), self._batch(t), weights, memo=True)
+            assert again == proxy_score_batch(self._batch(p), self._batch(t), weights) != first
+        assert proxy._SCORES.hits == 0
+
+    def test_a_caller_changing_its_result_does_not_change_the_memo(self):
+        proxy.clear_target_cache()
+        target = photo("camera")
+        pred, batch = self._batch(distort(target, 0.1)), self._batch(target)
+        proxy._SCORES.score(pred[0], batch[0], None, None)["total"] = -1.0  # a miss's result
+        proxy._SCORES.score(pred[0], batch[0], None, None)["total"] = -2.0  # a hit's
+        assert proxy._SCORES.score(pred[0], batch[0], None, None)["total"] == proxy_score(pred[0], batch[0])["total"]
+
+    def test_the_memo_keeps_at_most_its_bound(self):
+        memo = proxy._ScoreMemo(max_entries=2)
+        target = photo("camera")
+        for amount in (0.05, 0.1, 0.15):
+            memo.score(distort(target, amount), target, None, None)
+        assert len(memo._scores) == 2 and memo.misses == 3
+
+
 class TestTargetCache:
     def test_scores_are_bit_identical_to_the_uncached_definition_on_misses_and_hits(self):
         proxy.clear_target_cache()

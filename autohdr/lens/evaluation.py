@@ -226,7 +226,9 @@ def score_subset(
             acc_model.add(proxy_score_batch(correction.prediction.float(), target.float()), count)
             params_sum += correction.params.detach().double().sum(dim=0).cpu()
             if with_baselines:
-                acc_identity.add(proxy_score_batch(identity_prediction(image).float(), target.float()), count)
+                # baselines recur in every run on these pairs: memoized by content
+                acc_identity.add(proxy_score_batch(identity_prediction(image).float(), target.float(), memo=True),
+                                 count)
             ids = list(batch.get("image_id", []))
             gt_complete = gt_complete and len(ids) == count and all(i in ground_truth for i in ids)
             if gt_complete:
@@ -234,7 +236,8 @@ def score_subset(
                 predicted.append(correction.params.detach().double().cpu())
                 truth.append(gt.double().cpu())
                 if with_baselines:
-                    acc_gt.add(proxy_score_batch(ground_truth_prediction(image, gt).float(), target.float()), count)
+                    acc_gt.add(proxy_score_batch(ground_truth_prediction(image, gt).float(), target.float(),
+                                                 memo=True), count)
             if loss_fn is not None:
                 for key, value in loss_fn(correction.prediction, target, correction).items():
                     loss_sums[key] = loss_sums.get(key, 0.0) + float(value) * count

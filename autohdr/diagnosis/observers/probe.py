@@ -110,7 +110,7 @@ class ProbeObserver(Observer):
                 "init_image_height": int(image.shape[-2]), "init_image_width": int(image.shape[-1]),
                 "init_pred_max_abs_diff": float((correction.prediction - identity).abs().max()),
                 "init_proxy_total": proxy_score_batch(correction.prediction.float(), target.float())["total"],
-                "identity_proxy_total": proxy_score_batch(identity.float(), target.float())["total"],
+                "identity_proxy_total": proxy_score_batch(identity.float(), target.float(), memo=True)["total"],
                 "init_loss": float(model_loss),
                 "identity_loss": float(identity_loss),
                 "init_params_max_abs_dev": float((correction.params - correction.params.new_tensor(
