@@ -236,3 +236,24 @@ class TestDisplacementPx:
         grid = identity_grid(1, 5, 7, dtype=torch.float64)  # pixel steps: 2/6 in x, 2/4 in y
         shifted = grid + torch.tensor([3 * 2 / 6, 4 * 2 / 4], dtype=torch.float64)
         torch.testing.assert_close(displacement_px(shifted, grid), torch.full((1, 5, 7), 5.0, dtype=torch.float64))
+
+
+class TestPerStepShortcuts:
+    """The instrumentation's per-step shortcuts give exactly the figures of their plain definitions."""
+
+    def test_out_of_bounds_counts_a_sample_outside_in_x_or_in_y_once(self):
+        grid = identity_grid(1, 2, 3).clone()
+        grid[0, 0, 0] = torch.tensor([1.5, 0.0])   # outside in x only
+        grid[0, 0, 1] = torch.tensor([0.0, -1.2])  # in y only
+        grid[0, 0, 2] = torch.tensor([2.0, 2.0])   # in both: one sample
+        grid[0, 1, 0] = torch.tensor([1.0, -1.0])  # on the border: inside
+        plain = (grid.abs() > 1.0).any(dim=-1).float().mean()
+        assert float(out_of_bounds_fraction(grid)) == float(plain) == 3 / 6
+
+    def test_displacement_from_the_shared_identity_equals_a_full_batch_identity(self):
+        gen = torch.Generator().manual_seed(3)
+        for dtype in (torch.float32, torch.float64):
+            grid = identity_grid(3, 10, 12, dtype=dtype) + 0.03 * torch.randn(3, 10, 12, 2, generator=gen, dtype=dtype)
+            assert torch.equal(displacement_px(grid), displacement_px(grid, identity_grid(3, 10, 12, dtype=dtype)))
+        # the shared reference is left as it was by every caller
+        assert torch.equal(displacement_px(identity_grid(2, 10, 12)), torch.zeros(2, 10, 12))
