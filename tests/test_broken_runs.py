@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autohdr import cli
 from autohdr.diagnosis.causes import diagnose
@@ -390,3 +392,30 @@ def test_the_headline_of_an_interrupted_run_names_its_bad_signals():
     assert status_line(verdicts, {"epoch": 1, "step": 3}) == (
         "INTERRUPTED in epoch 1 after step 3: judged on the steps it ran, BAD in what it ran: loss_decreases")
     assert status_line(verdicts[:1], True) == "INTERRUPTED: judged on the steps it ran, no BAD signal in what it ran"
+
+
+def _numeric_series_by_definition(values: pd.Series) -> pd.Series:
+    """numeric_series as first written (three whole-column maps): the reference its one-pass form must equal."""
+    from autohdr.diagnosis.metrics_log import restore_non_finite
+    from autohdr.diagnosis.verdicts import _is_number
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return values
+    present = values.dropna().map(restore_non_finite)
+    numbers = present.map(_is_number)
+    if not numbers.any() or not (numbers | present.map(lambda v: isinstance(v, str))).all():
+        return values
+    return pd.to_numeric(values.map(restore_non_finite), errors="coerce").astype(float)
+
+
+_COLUMN_VALUES = [1, 2.5, 0, math.nan, math.inf, -math.inf, None, "nan", "inf", "-inf", "abc", "", True, False,
+                  {"a": 1}, [1.0, "nan"], (1, 2), pd.NA, pd.NaT, torch.tensor(1.0).item()]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_COLUMN_VALUES), min_size=1, max_size=6))
+def test_numeric_series_decides_as_its_definition(values):
+    from autohdr.diagnosis.verdicts import numeric_series
+    column = pd.Series(values, dtype=object)
+    ours, reference = numeric_series(column), _numeric_series_by_definition(column)
+    assert (ours is column) == (reference is column)
+    pd.testing.assert_series_equal(ours, reference)
