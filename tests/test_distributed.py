@@ -8,18 +8,26 @@
   the same batch-norm model with DDP's default buffer broadcast stays green.
 * Only rank 0 writes: one metrics file, one report, and checkpoints that load in one process.
 
-The runs train 16 pairs at 64 px (``SMALL``), not the preset's 32 at 128 px (half the CPU; at this size
-about half of what is left is starting the three processes). The size proves as much:
-each rank's batch-norm running statistics come from its own shard from the first step on, so an
-unsynchronized run's checksums differ at every validation at any size; the healthy comparison is
-with the one-rank run of the same configuration (``ONE_RANK``). 4 epochs of 2 steps keep the 8
+The runs train 16 pairs at 64 px (``SMALL``), not the preset's 32 at 128 px (half the CPU). The size
+proves as much: each rank's batch-norm running statistics come from its own shard from the first step
+on, so an unsynchronized run's checksums differ at every validation at any size; the healthy comparison
+is with the one-rank run of the same configuration (``ONE_RANK``). 4 epochs of 2 steps keep the 8
 steps that ``not_data_bound``, ``clipping_sane`` and ``residual_helps`` need to be judged.
+
+At this size starting the launcher and two ranks that import torch and autohdr costs about as much
+as a run, so the three stage2_probe runs (:data:`PROBES`) share one launch: :mod:`tests.ddp_jobs` runs
+them one after the other in the same two rank processes, each in a process group and process state of
+its own, with its own exit code and output (measured: 16-19 s of CPU for the one launch, 31-34 s for
+three). Two launches stay real ``-m autohdr`` ones, to prove the entry point under torchrun: the
+SIGTERM test here and ``test_reliability``'s refused folder; one more test runs ``tests.ddp_jobs``'
+rank side alone in one process (no launcher) to check that a job that raises is reported as such.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +38,7 @@ import torch
 from autohdr.training.checkpoint import load_checkpoint
 from autohdr.lens.model import LensCorrectionModel
 from autohdr.diagnosis.metrics_log import read_metrics
+from tests import ddp_jobs
 from tests.plugins.debug_runs import RunSpec, once_per_session
 
 pytestmark = pytest.mark.distributed
@@ -42,12 +51,21 @@ SMALL = tuple(arg for key, value in SMALL_DATA for arg in ("--set", f"{key}={jso
 ONE_RANK = RunSpec("healthy-stage2-64px-16pairs", "stage2_probe", overrides=SMALL_DATA)
 
 
+def torchrun_env() -> dict[str, str]:
+    """The environment of a torchrun launch from the tests: this checkout's autohdr, one thread per rank."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def debug_argv(out_dir: Path, *args: str) -> list[str]:
+    """``autohdr debug ARGS`` on CPU, without figures, into ``out_dir``."""
+    return ["debug", *args, "--device", "cpu", "--no-plots", "--out", str(out_dir)]
+
+
 def run_torchrun(out_dir: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=N -m autohdr debug ...`` on CPU, one thread per rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "autohdr", "debug", *args, "--device", "cpu", "--no-plots", "--out", str(out_dir)]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+               "-m", "autohdr", *debug_argv(out_dir, *args)]
+    return subprocess.run(command, cwd=REPO, env=torchrun_env(), capture_output=True, text=True, timeout=300)
 
 
 def _report(result: subprocess.CompletedProcess, out_dir: Path) -> dict:
@@ -56,33 +74,42 @@ def _report(result: subprocess.CompletedProcess, out_dir: Path) -> dict:
     return json.loads(report_path.read_text())
 
 
-def _torchrun_once(tmp_path_factory, name: str, *args: str):
-    """One torchrun debug run per session, whichever xdist worker asks first: (result, report, folder)."""
+#: The two-rank stage2_probe runs the module judges, run one after the other in one launch (in this order).
+PROBES: dict[str, tuple[str, ...]] = {
+    "ddp-healthy": ("stage2_probe", *SMALL, "--set", "data.batch_size=4"),
+    "ddp-unsynced": ("stage2_probe", *SMALL, "--set", "data.batch_size=4", "--set", "train.validate_every=2",
+                     "--model-factory", "tests.faults:BatchNormParamHead", "--set", "train.ddp_broadcast_buffers=false"),
+    # the same batch-norm model with DDP's default buffer broadcast: the healthy counterpart
+    "ddp-bn-synced": ("stage2_probe", *SMALL, "--set", "data.batch_size=4", "--set", "train.validate_every=2",
+                      "--model-factory", "tests.faults:BatchNormParamHead"),
+}
+
+
+def _probe(tmp_path_factory, name: str):
+    """One of the :data:`PROBES`: (result, report, folder). The first fixture to ask, in whichever xdist
+    worker, runs all of them in one torchrun launch (:func:`tests.ddp_jobs.launch`); the rest read its results."""
     def make(folder: Path) -> dict:
-        done = run_torchrun(folder / "run", *args)
-        return {"args": done.args, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
-    stored, folder = once_per_session(tmp_path_factory, "torchrun-runs", name, make)
-    result = subprocess.CompletedProcess(**stored)
-    return result, _report(result, folder / "run"), folder / "run"
+        jobs = {job: debug_argv(folder / job / "run", *args) for job, args in PROBES.items()}
+        return ddp_jobs.launch(folder, jobs, env=torchrun_env(), cwd=REPO)
+    stored, folder = once_per_session(tmp_path_factory, "torchrun-runs", "ddp-stage2-probes", make)
+    result = subprocess.CompletedProcess(**stored[name])
+    return result, _report(result, folder / name / "run"), folder / name / "run"
 
 
 @pytest.fixture(scope="module")
 def two_rank_healthy(tmp_path_factory):
-    return _torchrun_once(tmp_path_factory, "ddp-healthy", "stage2_probe", *SMALL, "--set", "data.batch_size=4")
+    return _probe(tmp_path_factory, "ddp-healthy")
 
 
 @pytest.fixture(scope="module")
 def two_rank_unsynced(tmp_path_factory):
-    return _torchrun_once(tmp_path_factory, "ddp-unsynced", "stage2_probe", *SMALL, "--set", "data.batch_size=4",
-                          "--set", "train.validate_every=2", "--model-factory", "tests.faults:BatchNormParamHead",
-                          "--set", "train.ddp_broadcast_buffers=false")
+    return _probe(tmp_path_factory, "ddp-unsynced")
 
 
 @pytest.fixture(scope="module")
 def two_rank_batchnorm_synced(tmp_path_factory):
     """The same batch-norm model with DDP's default buffer broadcast: the healthy counterpart."""
-    return _torchrun_once(tmp_path_factory, "ddp-bn-synced", "stage2_probe", *SMALL, "--set", "data.batch_size=4",
-                          "--set", "train.validate_every=2", "--model-factory", "tests.faults:BatchNormParamHead")
+    return _probe(tmp_path_factory, "ddp-bn-synced")
 
 
 def _oks(report: dict) -> dict[str, bool | None]:
@@ -153,6 +180,23 @@ def test_batch_norm_with_broadcast_buffers_stays_in_sync(two_rank_batchnorm_sync
     sync = next(v for v in report["verdicts"] if v["signal"] == "ranks_in_sync")
     assert sync["ok"] is True, sync["detail"]
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_one_launch_reports_each_job_and_runs_on_after_one_that_raises(tmp_path):
+    """tests.ddp_jobs' rank side, one rank without the launcher: a job that raises gives exit code 1 and
+    its traceback, and the next job still runs, with its own output."""
+    with socket.socket() as probe:  # a free port for the one-rank store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    jobs = ddp_jobs.write_jobs(tmp_path, {"raises": ["debug", None], "help": ["debug", "--help"]})
+    env = {**torchrun_env(), "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    done = subprocess.run([sys.executable, "-m", "tests.ddp_jobs", str(jobs)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    raised, helped = (ddp_jobs.job_result(tmp_path, name, [], 1, done) for name in ("raises", "help"))
+    assert raised["returncode"] == 1 and "Traceback" in raised["stderr"] and "TypeError" in raised["stderr"], raised
+    assert helped["returncode"] == 0 and "usage: autohdr debug" in helped["stdout"], helped
+    assert "Traceback" not in helped["stderr"] and "usage:" not in raised["stdout"]
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
