@@ -24,14 +24,20 @@ from tests.test_holdout import PROVEN_BY_HOLDOUT
 MODE_MARKS = {mode: getattr(pytest.mark, mode) for mode in ("overfit_stage1", "stage2_probe", "stage3_probe")}
 
 # ------------------------------------------------------------------------------------ healthy runs
+#: The broken runs' sizes (see "broken runs" below): half the pairs and the batch, and at 96 px.
+SMALL = (("data.num_pairs", 16), ("data.batch_size", 4))
+SMALL_96 = SMALL + (("data.resize_hw", [96, 96]),)
+
 # Parametrized where the parameter matters: the residual probes at two resolutions (the residual's
-# pixel scale changes with the low-resolution grid). The overfit runs its full preset once here (a
+# pixel scale changes with the low-resolution grid). The 96 px probe runs at SMALL_96, the exact size
+# of the structural residual faults it is the healthy counterpart of (half the CPU of the preset's 32
+# pairs at 96 px; every signal green there too). The overfit runs its full preset once here (a
 # minute of CPU); seeds 0-2 and the usual user variations of every mode are counted for false
 # alarms by scripts/healthy_sweep.py (README, "False alarms").
 HEALTHY = [
     RunSpec("healthy-overfit-seed0", "overfit_stage1", seed=0),
     RunSpec("healthy-stage2-128px", "stage2_probe"),
-    RunSpec("healthy-stage2-96px", "stage2_probe", overrides=(("data.resize_hw", [96, 96]),)),
+    RunSpec("healthy-stage2-96px-16pairs", "stage2_probe", overrides=SMALL_96),
     RunSpec("healthy-stage3-128px", "stage3_probe"),
 ]
 
@@ -159,11 +165,9 @@ def test_residual_norms_non_zero_every_step_after_the_first(debug_run, spec):
 # to repeat. Every size was checked to keep each fault's `fires` red and its `stays_good` green
 # (test_detector_fires / test_no_false_alarm / test_causes run at these sizes); the healthy runs above
 # keep the presets' full size.
-SMALL = (("data.num_pairs", 16), ("data.batch_size", 4))
 #: Structural residual faults (no gradient, no parameters, zero contribution) are decided by the
-#: residual head's gradients and displacement, which are exact zeros at any resolution: 96 px,
-#: where healthy-stage2-96px proves the probe green.
-SMALL_96 = SMALL + (("data.resize_hw", [96, 96]),)
+#: residual head's gradients and displacement, which are exact zeros at any resolution: SMALL_96,
+#: where healthy-stage2-96px-16pairs proves the probe green.
 
 
 @dataclass(frozen=True)
