@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pandas as pd
 import pytest
+import torch
 from filelock import FileLock
 
 from autohdr.runs.debug import build_loaders, data_preset_from_env, run_debug_mode, select_rows
@@ -74,6 +75,9 @@ class DebugRun:
 
 def _train(spec: RunSpec, out_dir: Path) -> dict[str, Any]:
     overrides = dict(spec.overrides)
+    # A fault model's initial weights from the run's seed, not from whatever this worker ran before
+    # (run_debug_mode seeds only the models it builds itself): the same run in any worker, any order.
+    torch.manual_seed(spec.seed)
     model = getattr(faults, spec.model)() if spec.model else None
     train_loader = val_loader = None
     if spec.loader_sleep_factor > 0 or spec.loader_fault:
