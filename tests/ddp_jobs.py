@@ -62,12 +62,16 @@ def launch(folder: Path, jobs: Mapping[str, Sequence[str]], *, env: Mapping[str,
     non-zero rank's code (rank order); ``stdout`` / ``stderr`` are the ranks' output, rank 0 first.
     A job some rank left no file for (the launch died) gets the launch's own exit code and output.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tests.ddp_jobs", str(write_jobs(folder, jobs))]
+    command = [*torchrun_command(nproc), "-m", "tests.ddp_jobs", str(write_jobs(folder, jobs))]
     done = subprocess.run(command, cwd=cwd, env=dict(env), capture_output=True, text=True,
                           timeout=timeout_per_job * max(1, len(jobs)))
-    return {name: job_result(folder, name, [*command[:-3], "-m", "autohdr", *argv], nproc, done)
+    return {name: job_result(folder, name, [*torchrun_command(nproc), "-m", "autohdr", *argv], nproc, done)
             for name, argv in jobs.items()}
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=N`` with this interpreter; the module and its arguments follow."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def write_jobs(folder: Path, jobs: Mapping[str, Sequence[str]]) -> Path:

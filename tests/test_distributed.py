@@ -63,8 +63,7 @@ def debug_argv(out_dir: Path, *args: str) -> list[str]:
 
 def run_torchrun(out_dir: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=N -m autohdr debug ...`` on CPU, one thread per rank."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "autohdr", *debug_argv(out_dir, *args)]
+    command = [*ddp_jobs.torchrun_command(nproc), "-m", "autohdr", *debug_argv(out_dir, *args)]
     return subprocess.run(command, cwd=REPO, env=torchrun_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -78,7 +77,8 @@ def _report(result: subprocess.CompletedProcess, out_dir: Path) -> dict:
 PROBES: dict[str, tuple[str, ...]] = {
     "ddp-healthy": ("stage2_probe", *SMALL, "--set", "data.batch_size=4"),
     "ddp-unsynced": ("stage2_probe", *SMALL, "--set", "data.batch_size=4", "--set", "train.validate_every=2",
-                     "--model-factory", "tests.faults:BatchNormParamHead", "--set", "train.ddp_broadcast_buffers=false"),
+                     "--model-factory", "tests.faults:BatchNormParamHead",
+                     "--set", "train.ddp_broadcast_buffers=false"),
     # the same batch-norm model with DDP's default buffer broadcast: the healthy counterpart
     "ddp-bn-synced": ("stage2_probe", *SMALL, "--set", "data.batch_size=4", "--set", "train.validate_every=2",
                       "--model-factory", "tests.faults:BatchNormParamHead"),

@@ -391,6 +391,16 @@ class TestBaselineScoreMemo:
         proxy._SCORES.score(pred[0], batch[0], None, None)["total"] = -2.0  # a hit's
         assert proxy._SCORES.score(pred[0], batch[0], None, None)["total"] == proxy_score(pred[0], batch[0])["total"]
 
+    def test_a_torch_and_a_numpy_copy_of_a_pair_share_one_entry(self):
+        proxy.clear_target_cache()
+        target = photo("camera")
+        pred = distort(target, 0.1)
+        as_numpy = proxy._SCORES.score(pred, target, None, None)
+        as_torch = proxy._SCORES.score(torch.from_numpy(pred).permute(2, 0, 1), torch.from_numpy(target).permute(2, 0, 1),
+                                       None, None)
+        assert as_torch == as_numpy == proxy_score(pred, target)
+        assert (proxy._SCORES.hits, proxy._SCORES.misses) == (1, 1)
+
     def test_the_memo_keeps_at_most_its_bound(self):
         memo = proxy._ScoreMemo(max_entries=2)
         target = photo("camera")

@@ -454,7 +454,9 @@ _TARGETS = _TargetCache(TARGET_CACHE_MAX_BYTES)
 
 
 class _ScoreMemo:
-    """Bounded LRU of whole pair scores, keyed by both images' digests and the weights and thresholds.
+    """Bounded LRU of whole pair scores, keyed by both images' checked float32 values (what
+    :func:`proxy_score` scores, so a torch and a numpy copy of an image share a key; the same digest
+    as the target cache) and the weights and thresholds.
 
     For baselines (the identity warp, the ground-truth warp): the same baseline of the same pair
     recurs in every run on the same data in one process (a test session, ``pytest -m stage2_probe``),
@@ -469,7 +471,8 @@ class _ScoreMemo:
         self.hits = self.misses = 0
 
     def score(self, pred, target, weights: ProxyWeights | None, thresholds: HardFailThresholds | None) -> dict:
-        key = (_digest(pred), _digest(target), weights or ProxyWeights(), thresholds or HardFailThresholds())
+        key = (_TargetCache.key(_checked_float32(pred, "pred")), _TargetCache.key(_checked_float32(target, "target")),
+               weights or ProxyWeights(), thresholds or HardFailThresholds())
         with self._lock:
             cached = self._scores.get(key)
             if cached is not None:
@@ -488,12 +491,6 @@ class _ScoreMemo:
         with self._lock:
             self._scores.clear()
             self.hits = self.misses = 0
-
-
-def _digest(image) -> tuple:
-    """Type, dtype, shape and a digest of the values of a torch or numpy image."""
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    return (type(image).__name__, str(array.dtype), *_TargetCache.key(array))
 
 
 SCORE_MEMO_MAX_ENTRIES = 8192  # pair scores kept for memo=True callers (a few hundred bytes each)
